@@ -1,0 +1,299 @@
+"""Model adapters: a BERT-family classifier as plain functions over its weights.
+
+The engine needs to enter a model half-way through a layer (at the attention context of the target
+layer) and to run only part of the top layer, which `transformers`' modules cannot do. An adapter
+exposes one model as
+
+    embed(ids, types, mask) → X⁰;  per layer l: project_qkv, attention_output(ctx, X), feed_forward;
+    classify(X^L, mask) → logits
+
+over a `Weights` snapshot in any dtype. Every family here is post-LayerNorm:
+
+    X' = LN(X + W_o · merge_h(gate_h · ctx_h) + b_o),   X^{l+1} = LN(X' + W_2 · act(W_1 X' + b_1) + b_2)
+
+`head_gates` [L, H] scale each head's context (1 = kept, 0 = gated off); transformers 5 dropped head
+masks, so head pruning works through these. Other families plug in with `register_adapter`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attattr_fast.errors import UnsupportedModelError
+
+
+@dataclass
+class LayerWeights:
+    """One encoder layer's weights, heads stacked along the output dimension of Q, K, V."""
+
+    wq: Tensor
+    bq: Tensor
+    wk: Tensor
+    bk: Tensor
+    wv: Tensor
+    bv: Tensor
+    wo: Tensor
+    bo: Tensor
+    ln_attn_w: Tensor
+    ln_attn_b: Tensor
+    w_in: Tensor
+    b_in: Tensor
+    w_out: Tensor
+    b_out: Tensor
+    ln_ffn_w: Tensor
+    ln_ffn_b: Tensor
+
+
+@dataclass
+class Weights:
+    """A snapshot of the encoder layers, gates and head in one dtype; embeddings stay in the model."""
+
+    layers: list[LayerWeights]
+    gates: Tensor  # [L, H]
+    head: dict[str, Tensor]
+    dtype: torch.dtype
+
+
+def _linear(module: torch.nn.Linear) -> tuple[Tensor, Tensor]:
+    return module.weight.detach(), module.bias.detach()
+
+
+class EncoderAdapter:
+    """A post-LN BERT-like encoder with a classification head that reads position 0 only.
+
+    Subclasses say where the base model and head live (`_base`, `_head_weights`, `_classify`) and
+    how tokens are embedded (`embed`).
+    """
+
+    family = "bert"
+    reads_first_token_only = True
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        config = model.config
+        if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
+            raise UnsupportedModelError(f"{type(model).__name__}: decoder configurations are not supported")
+        pos_type = getattr(config, "position_embedding_type", "absolute")
+        if pos_type not in (None, "absolute"):
+            raise UnsupportedModelError(f"position_embedding_type={pos_type!r} is not supported (absolute only)")
+        self.config = config
+        self.n_layers = config.num_hidden_layers
+        self.n_heads = config.num_attention_heads
+        self.hidden_size = config.hidden_size
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scale = self.head_dim**-0.5
+        self.eps = config.layer_norm_eps
+        self.num_labels = config.num_labels
+        from transformers.activations import ACT2FN
+
+        self.act = ACT2FN[config.hidden_act] if isinstance(config.hidden_act, str) else config.hidden_act
+        self.head_gates = torch.ones(self.n_layers, self.n_heads)
+
+    # -- where the weights live -------------------------------------------------------------
+    def _base(self) -> torch.nn.Module:
+        return self.model.bert
+
+    def _head_weights(self) -> dict[str, Tensor]:
+        dense_w, dense_b = _linear(self.model.bert.pooler.dense)
+        out_w, out_b = _linear(self.model.classifier)
+        return {"dense_w": dense_w, "dense_b": dense_b, "out_w": out_w, "out_b": out_b}
+
+    def _head_activation(self, x: Tensor) -> Tensor:
+        return torch.tanh(x)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def max_length(self) -> int:
+        return int(self.config.max_position_embeddings)
+
+    def weights(self, dtype: torch.dtype | None = None) -> Weights:
+        """Detached weights in `dtype` (default: the model's own; no copy in that case)."""
+        dtype = dtype or next(self.model.parameters()).dtype
+        layers = []
+        for layer in self._base().encoder.layer:
+            att = layer.attention
+            tensors = [
+                *_linear(att.self.query), *_linear(att.self.key), *_linear(att.self.value),
+                *_linear(att.output.dense),
+                att.output.LayerNorm.weight.detach(), att.output.LayerNorm.bias.detach(),
+                *_linear(layer.intermediate.dense), *_linear(layer.output.dense),
+                layer.output.LayerNorm.weight.detach(), layer.output.LayerNorm.bias.detach(),
+            ]  # fmt: skip
+            layers.append(LayerWeights(*(t.to(dtype) for t in tensors)))
+        head = {k: v.to(dtype) for k, v in self._head_weights().items()}
+        gates = self.head_gates.to(device=self.device, dtype=dtype)
+        return Weights(layers=layers, gates=gates, head=head, dtype=dtype)
+
+    # -- the model as functions ---------------------------------------------------------------
+    def embed(self, input_ids: Tensor, token_type_ids: Tensor | None, attention_mask: Tensor | None) -> Tensor:
+        """X⁰ [B, n, D] in the model's dtype."""
+        emb = self._base().embeddings
+        n = input_ids.shape[1]
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        positions = torch.arange(n, device=input_ids.device).unsqueeze(0)
+        x = emb.word_embeddings(input_ids) + emb.token_type_embeddings(token_type_ids)
+        x = x + emb.position_embeddings(positions)
+        return F.layer_norm(x, x.shape[-1:], emb.LayerNorm.weight, emb.LayerNorm.bias, emb.LayerNorm.eps).detach()
+
+    def project_qkv(self, w: Weights, layer: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Q, K, V [B, H, n, d] of layer `layer` from its input `x` [B, n, D]."""
+        lw = w.layers[layer]
+        return (
+            self._split_heads(F.linear(x, lw.wq, lw.bq)),
+            self._split_heads(F.linear(x, lw.wk, lw.bk)),
+            self._split_heads(F.linear(x, lw.wv, lw.bv)),
+        )
+
+    def project_kv(self, w: Weights, layer: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        lw = w.layers[layer]
+        return self._split_heads(F.linear(x, lw.wk, lw.bk)), self._split_heads(F.linear(x, lw.wv, lw.bv))
+
+    def project_q(self, w: Weights, layer: int, x: Tensor) -> Tensor:
+        lw = w.layers[layer]
+        return self._split_heads(F.linear(x, lw.wq, lw.bq))
+
+    def attention_output(self, w: Weights, layer: int, ctx: Tensor, residual: Tensor) -> Tensor:
+        """LN(residual + W_o merge(gate · ctx) + b_o); ctx [B, H, n, d], residual [B, n, D]."""
+        lw = w.layers[layer]
+        ctx = ctx * w.gates[layer].view(1, -1, 1, 1)
+        merged = ctx.transpose(1, 2).reshape(*residual.shape[:-1], self.hidden_size)
+        out = F.linear(merged, lw.wo, lw.bo) + residual
+        return F.layer_norm(out, out.shape[-1:], lw.ln_attn_w, lw.ln_attn_b, self.eps)
+
+    def feed_forward(self, w: Weights, layer: int, h: Tensor) -> Tensor:
+        lw = w.layers[layer]
+        out = F.linear(self.act(F.linear(h, lw.w_in, lw.b_in)), lw.w_out, lw.b_out) + h
+        return F.layer_norm(out, out.shape[-1:], lw.ln_ffn_w, lw.ln_ffn_b, self.eps)
+
+    def classify(self, w: Weights, hidden: Tensor, key_mask: Tensor | None) -> Tensor:
+        """Logits [B, C] from the last hidden states [B, n, D] (only position 0 is read here)."""
+        h = w.head
+        x = self._head_activation(F.linear(hidden[:, 0], h["dense_w"], h["dense_b"]))
+        return F.linear(x, h["out_w"], h["out_b"])
+
+    def _split_heads(self, x: Tensor) -> Tensor:
+        return x.view(*x.shape[:-1], self.n_heads, self.head_dim).transpose(-3, -2)
+
+    @staticmethod
+    def mask_bias(key_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+        """Additive [B, 1, 1, n] bias: 0 for real keys, the dtype's minimum for padding (as transformers)."""
+        if key_mask is None:
+            return None
+        bias = torch.zeros(key_mask.shape, dtype=dtype, device=key_mask.device)
+        bias.masked_fill_(~key_mask.bool(), torch.finfo(dtype).min)
+        return bias[:, None, None, :]
+
+    def attention_probs(self, q: Tensor, k: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(A, lse): softmax(QKᵀ·scale + bias) [B, H, n, n] and its row log-sum-exp [B, H, n]."""
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
+        if bias is not None:
+            scores = scores + bias
+        lse = torch.logsumexp(scores, dim=-1)
+        return torch.exp(scores - lse.unsqueeze(-1)), lse
+
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        weights: Weights | None = None,
+    ) -> Tensor:
+        """Logits [B, C] of the whole model through the adapter (gates applied)."""
+        w = weights or self.weights()
+        x = self.embed(input_ids, token_type_ids, attention_mask).to(w.dtype)
+        bias = self.mask_bias(attention_mask, w.dtype)
+        for layer in range(self.n_layers):
+            q, k, v = self.project_qkv(w, layer, x)
+            probs, _ = self.attention_probs(q, k, bias)
+            x = self.feed_forward(w, layer, self.attention_output(w, layer, probs @ v, x))
+        return self.classify(w, x, attention_mask).float()
+
+
+class RobertaAdapter(EncoderAdapter):
+    """RoBERTa and XLM-R: positions count real tokens from padding_idx + 1; dense → tanh head."""
+
+    family = "roberta"
+
+    def _base(self) -> torch.nn.Module:
+        return self.model.roberta
+
+    def _head_weights(self) -> dict[str, Tensor]:
+        dense_w, dense_b = _linear(self.model.classifier.dense)
+        out_w, out_b = _linear(self.model.classifier.out_proj)
+        return {"dense_w": dense_w, "dense_b": dense_b, "out_w": out_w, "out_b": out_b}
+
+    @property
+    def max_length(self) -> int:
+        return int(self.config.max_position_embeddings) - int(self.config.pad_token_id) - 1
+
+    def embed(self, input_ids: Tensor, token_type_ids: Tensor | None, attention_mask: Tensor | None) -> Tensor:
+        emb = self._base().embeddings
+        pad = emb.padding_idx
+        real = input_ids.ne(pad).long()
+        positions = torch.cumsum(real, dim=1) * real + pad
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        x = emb.word_embeddings(input_ids) + emb.token_type_embeddings(token_type_ids)
+        x = x + emb.position_embeddings(positions)
+        return F.layer_norm(x, x.shape[-1:], emb.LayerNorm.weight, emb.LayerNorm.bias, emb.LayerNorm.eps).detach()
+
+
+class ElectraAdapter(EncoderAdapter):
+    """ELECTRA: embeddings of their own width, projected to the hidden size; dense → GELU head."""
+
+    family = "electra"
+
+    def _base(self) -> torch.nn.Module:
+        return self.model.electra
+
+    def _head_weights(self) -> dict[str, Tensor]:
+        dense_w, dense_b = _linear(self.model.classifier.dense)
+        out_w, out_b = _linear(self.model.classifier.out_proj)
+        return {"dense_w": dense_w, "dense_b": dense_b, "out_w": out_w, "out_b": out_b}
+
+    def _head_activation(self, x: Tensor) -> Tensor:
+        return self.model.classifier.activation(x)
+
+    def embed(self, input_ids: Tensor, token_type_ids: Tensor | None, attention_mask: Tensor | None) -> Tensor:
+        x = super().embed(input_ids, token_type_ids, attention_mask)
+        project = getattr(self._base(), "embeddings_project", None)
+        return project(x).detach() if project is not None else x
+
+
+_ADAPTERS: dict[str, type[EncoderAdapter]] = {
+    "BertForSequenceClassification": EncoderAdapter,
+    "RobertaForSequenceClassification": RobertaAdapter,
+    "XLMRobertaForSequenceClassification": RobertaAdapter,
+    "ElectraForSequenceClassification": ElectraAdapter,
+}
+
+
+def register_adapter(model_class: type | str, adapter_class: type[EncoderAdapter]) -> None:
+    """Make `adapter_for` use `adapter_class` for models of `model_class` (a class or its name)."""
+    name = model_class if isinstance(model_class, str) else model_class.__name__
+    _ADAPTERS[name] = adapter_class
+
+
+def supported_families() -> list[str]:
+    return sorted(_ADAPTERS)
+
+
+def adapter_for(model: torch.nn.Module) -> EncoderAdapter:
+    """The adapter of `model`; an `UnsupportedModelError` naming the supported classes otherwise."""
+    if isinstance(model, EncoderAdapter):
+        return model
+    for cls in type(model).__mro__:
+        if cls.__name__ in _ADAPTERS:
+            return _ADAPTERS[cls.__name__](model)
+    raise UnsupportedModelError(
+        f"unsupported model {type(model).__name__}; supported: {', '.join(supported_families())}"
+    )

@@ -1,0 +1,191 @@
+"""Public API: `AttentionAttribution(model).attribute(...)` (DESIGN §3)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import torch
+from torch import Tensor
+
+from attattr_fast import engine
+from attattr_fast.adapters import EncoderAdapter, adapter_for
+from attattr_fast.errors import AttAttrError
+from attattr_fast.inputs import check_options, validate_inputs
+from attattr_fast.reductions import TopInteractions, top_interactions
+from attattr_fast.result import AttributionResult
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def resolve_backend(backend: str, device: torch.device):
+    """The reduction backend: "torch" ops, or the Triton kernel (CUDA, or the CPU interpreter)."""
+    if backend not in BACKENDS:
+        raise AttAttrError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "torch":
+        return engine.reduce_layer_torch
+    interpreter = os.environ.get("TRITON_INTERPRET") == "1"
+    reason = None
+    if device.type != "cuda" and not interpreter:
+        reason = f"tensors are on {device.type}, and the Triton kernel runs on CUDA (or with TRITON_INTERPRET=1)"
+    else:
+        try:
+            from attattr_fast.kernels import attribution_reduce
+        except ImportError as exc:  # triton missing or broken
+            reason = f"triton cannot be imported ({exc})"
+    if reason is None:
+        if backend == "auto":
+            log.info("backend auto: using the Triton kernel on %s", device)
+        return attribution_reduce.reduce_layer_triton
+    if backend == "triton":
+        raise AttAttrError(f"backend='triton' cannot run: {reason}")
+    log.info("backend auto: using torch ops (%s)", reason)
+    return engine.reduce_layer_torch
+
+
+class AttentionAttribution:
+    """Self-attention attribution (AttAttr) for a BERT / RoBERTa / ELECTRA sequence classifier.
+
+    Example:
+        >>> aa = AttentionAttribution(model)
+        >>> res = aa.attribute(enc["input_ids"], enc["attention_mask"], n_steps=20)
+        >>> res.layer_attr.shape   # [B, L, n, n]
+    """
+
+    def __init__(self, model: torch.nn.Module | EncoderAdapter):
+        self.adapter = adapter_for(model)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.adapter.model
+
+    def attribute(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        target: int | Tensor | None = None,
+        layers: list[int] | None = None,
+        n_steps: int = 20,
+        method: str = "riemann_right",
+        output: str = "full",
+        dtype: torch.dtype | None = None,
+        internal_batch_size: int | None = None,
+        backend: str = "auto",
+        top_k: int = 0,
+        result_device: str | torch.device = "cpu",
+    ) -> AttributionResult:
+        """Integrated gradients over each target layer's attention probabilities.
+
+        Args:
+            input_ids: LongTensor [B, n], right-padded.
+            attention_mask: [B, n] of 1/0 (None: no padding).
+            token_type_ids: [B, n] segment ids (None: all 0).
+            target: None (the predicted class), an int, or a LongTensor [B].
+            layers: 0-based target layers (None: all).
+            n_steps: sub-intervals of the Riemann rules or Gauss–Legendre nodes (see `quadrature`).
+            method: riemann_left | riemann_right | riemann_middle | riemann_trapezoid | gausslegendre.
+            output: "full" keeps [B, L', H, n, n] attributions and attention; "reduced" only head_max,
+                layer_attr, top_k.
+            dtype: None (float32) or torch.bfloat16 / torch.float16 for the layers above the target
+                (context gradients and the reduction accumulate in float32).
+            internal_batch_size: most rows (example × layer × node) per forward/backward; None decides
+                from free memory.
+            backend: "auto" (Triton on CUDA, else torch), "triton" or "torch".
+            top_k: also return the k strongest entries of every layer matrix.
+            result_device: where the result tensors go.
+
+        Returns:
+            AttributionResult (shapes in its docstring).
+        """
+        adapter = self.adapter
+        alphas_np, weights_np = check_options(method, n_steps, output, dtype, internal_batch_size, top_k)
+        device = adapter.device
+        input_ids = input_ids.to(device) if isinstance(input_ids, Tensor) else input_ids
+        key_mask, token_type_ids, target, layers = validate_inputs(
+            adapter, input_ids, attention_mask, token_type_ids, target, layers
+        )
+        reduce_layer = resolve_backend(backend, device)
+        prefix_weights = adapter.weights()
+        row_weights = adapter.weights(dtype) if dtype is not None and dtype != prefix_weights.dtype else prefix_weights
+        alphas = torch.tensor(alphas_np, dtype=torch.float32)
+        quad_weights = torch.tensor(weights_np, dtype=torch.float32)
+
+        batch, length = input_ids.shape
+        lengths = key_mask.sum(1)
+        rows_per_example = len(layers) * len(alphas)
+        rows_per_chunk = internal_batch_size or engine.default_rows_per_chunk(
+            adapter, int(lengths.max()), min(layers), row_weights.dtype, device
+        )
+        per_group = max(1, rows_per_chunk // rows_per_example)
+        order = torch.sort(lengths.cpu(), stable=True).indices  # similar lengths share a group
+        log.debug("rows per chunk %d, examples per group %d", rows_per_chunk, per_group)
+
+        out = _Collector(batch, len(layers), adapter.n_heads, length, output == "full", device)
+        for begin in range(0, batch, per_group):
+            idx = order[begin : begin + per_group].to(device)
+            n = int(lengths[idx].max())  # each group runs at its own longest real length
+            group = engine.attribute_group(
+                adapter, prefix_weights, row_weights,
+                input_ids[idx, :n], key_mask[idx, :n],
+                None if token_type_ids is None else token_type_ids[idx, :n],
+                None if target is None else target[idx],
+                layers, alphas, quad_weights, output == "full", rows_per_chunk, reduce_layer,
+            )  # fmt: skip
+            out.put(idx, n, group)
+
+        delta = out.attr_sum - (out.prob.unsqueeze(1) - out.baseline)
+        top = top_interactions(out.layer_attr, key_mask.unsqueeze(1), top_k) if top_k else None
+        result = AttributionResult(
+            attributions=out.attributions,
+            attention=out.attention,
+            head_max=out.head_max,
+            layer_attr=out.layer_attr,
+            target=out.target,
+            prob=out.prob,
+            delta=delta,
+            top_k=top,
+            layers=layers,
+            lengths=lengths,
+            baseline=out.baseline,
+            method=method,
+            n_steps=n_steps,
+        )
+        return _to_device(result, torch.device(result_device))
+
+
+class _Collector:
+    """Scatters the groups' outputs (each at its own length) into full-batch tensors, zero-padded."""
+
+    def __init__(self, batch: int, n_layers: int, n_heads: int, length: int, full: bool, device):
+        f32 = dict(dtype=torch.float32, device=device)
+        self.head_max = torch.zeros(batch, n_layers, n_heads, **f32)
+        self.layer_attr = torch.zeros(batch, n_layers, length, length, **f32)
+        self.prob = torch.zeros(batch, **f32)
+        self.target = torch.zeros(batch, dtype=torch.long, device=device)
+        self.baseline = torch.zeros(batch, n_layers, **f32)
+        self.attr_sum = torch.zeros(batch, n_layers, **f32)
+        self.attributions = torch.zeros(batch, n_layers, n_heads, length, length, **f32) if full else None
+        self.attention = torch.zeros(batch, n_layers, n_heads, length, length, **f32) if full else None
+
+    def put(self, idx: Tensor, n: int, group: engine.GroupResult) -> None:
+        self.head_max[idx] = group.head_max
+        self.layer_attr[idx, :, :n, :n] = group.layer_attr
+        self.prob[idx] = group.prob
+        self.target[idx] = group.target
+        self.baseline[idx] = group.baseline
+        self.attr_sum[idx] = group.attr_sum
+        if self.attributions is not None:
+            self.attributions[idx, :, :, :n, :n] = group.attributions
+            self.attention[idx, :, :, :n, :n] = group.attention
+
+
+def _to_device(result: AttributionResult, device: torch.device) -> AttributionResult:
+    for name, value in vars(result).items():
+        if isinstance(value, Tensor):
+            setattr(result, name, value.to(device))
+    if result.top_k is not None:
+        top = result.top_k
+        result.top_k = TopInteractions(top.query.to(device), top.key.to(device), top.score.to(device))
+    return result

@@ -1,0 +1,305 @@
+"""The fast engine: every layer and quadrature node of a group of examples in one batched backward.
+
+DESIGN §2. For target layer l and node α the attention output of layer l is α·ctx^l, where ctx^l = A^l V^l
+comes from one forward of the real input (prefix reuse: nothing below l depends on α). A *row* is one
+(example, target layer, node); it starts at layer l's attention output with the leaf c = α·ctx^l and runs
+the layers above. Then ∂F/∂A_h = G_h V_hᵀ with G = ∂F/∂c, so only the [H, n, d] context gradient is
+kept per row, and Ḡ = Σ_k w_k G_k gives Attr = A ⊙ (Ḡ Vᵀ) (`reductions`).
+
+Rows of all target layers share one forward: at layer l the rows that started lower run the whole
+layer, the rows that start at l join after its attention. With a head that reads position 0 only,
+the top layer computes queries, attention, output projection and feed-forward for position 0 only.
+Parameters never require grad; the backward stops at the leaves.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attattr_fast.adapters import EncoderAdapter, Weights
+from attattr_fast import reductions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerState:
+    """What the real-input forward leaves for one target layer (batch of B examples, length n)."""
+
+    hidden_in: Tensor  # X^l [B, n, D], the layer's input (the residual of its attention output)
+    context: Tensor  # A V [B, H, n, d], before head gates
+    values: Tensor  # V [B, H, n, d]
+    probs: Tensor | None  # A [B, H, n, n] (torch backend, or output="full")
+    queries: Tensor | None  # Q [B, H, n, d] (triton backend)
+    keys: Tensor | None  # K [B, H, n, d] (triton backend)
+    lse: Tensor | None  # row log-sum-exp of the scores [B, H, n] (triton backend)
+
+
+@dataclass
+class Prefix:
+    layers: dict[int, LayerState]
+    logits: Tensor  # [B, C] float32
+    key_mask: Tensor  # [B, n] bool
+
+
+def run_prefix(
+    adapter: EncoderAdapter,
+    weights: Weights,
+    input_ids: Tensor,
+    key_mask: Tensor,
+    token_type_ids: Tensor | None,
+    target_layers: list[int],
+    keep_probs: bool,
+    keep_qk: bool,
+) -> Prefix:
+    """One forward of the real input, keeping the states the rows start from."""
+    with torch.no_grad():
+        x = adapter.embed(input_ids, token_type_ids, key_mask).to(weights.dtype)
+        bias = adapter.mask_bias(key_mask, weights.dtype)
+        states: dict[int, LayerState] = {}
+        for layer in range(adapter.n_layers):
+            q, k, v = adapter.project_qkv(weights, layer, x)
+            probs, lse = adapter.attention_probs(q, k, bias)
+            context = probs @ v
+            if layer in target_layers:
+                states[layer] = LayerState(
+                    hidden_in=x,
+                    context=context,
+                    values=v,
+                    probs=probs if keep_probs else None,
+                    queries=q if keep_qk else None,
+                    keys=k if keep_qk else None,
+                    lse=lse if keep_qk else None,
+                )
+            x = adapter.feed_forward(weights, layer, adapter.attention_output(weights, layer, context, x))
+        logits = adapter.classify(weights, x, key_mask).float()
+    return Prefix(layers=states, logits=logits, key_mask=key_mask.bool())
+
+
+@dataclass
+class Rows:
+    """A chunk of rows, sorted by start layer. All tensors are indexed by row."""
+
+    start_layer: Tensor  # long [R], ascending
+    alpha: Tensor  # [R]
+    hidden_in: Tensor  # [R, n, D]
+    context: Tensor  # [R, H, n, d]
+    key_mask: Tensor  # [R, n] bool
+    target: Tensor  # long [R]
+
+
+def target_probability(logits: Tensor, target: Tensor) -> Tensor:
+    """F: the softmax probability of the target class, float32 [R]."""
+    return torch.softmax(logits.float(), dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+
+
+def forward_rows(adapter: EncoderAdapter, weights: Weights, rows: Rows, need_grad: bool):
+    """Run every row from its start layer to the logits.
+
+    Returns (F [R], leaves): leaves is a list of (row slice, leaf tensor) whose gradients are the
+    context gradients G of those rows (for the top layer with a position-0 head: row 0 only).
+    """
+    n_layers = adapter.n_layers
+    top_shortcut = adapter.reads_first_token_only
+    dtype = weights.dtype
+    starts = rows.start_layer.tolist()
+    first = starts[0]
+    bias = adapter.mask_bias(rows.key_mask, dtype) if not bool(rows.key_mask.all()) else None
+    hidden = None  # states of the rows already running, in row order
+    leaves = []
+    begin = 0
+    for layer in range(first, n_layers):
+        end = begin
+        while end < len(starts) and starts[end] == layer:
+            end += 1
+        is_top = top_shortcut and layer == n_layers - 1
+        if hidden is not None:
+            hidden = _full_layer(adapter, weights, layer, hidden, None if bias is None else bias[:begin], is_top)
+        if end > begin:
+            alpha = rows.alpha[begin:end].to(dtype).view(-1, 1, 1, 1)
+            context = rows.context[begin:end]
+            residual = rows.hidden_in[begin:end]
+            if is_top:
+                context, residual = context[:, :, :1], residual[:, :1]
+            leaf = (alpha * context.to(dtype)).detach().requires_grad_(need_grad)
+            leaves.append((slice(begin, end), leaf))
+            new = adapter.attention_output(weights, layer, leaf, residual.to(dtype))
+            new = adapter.feed_forward(weights, layer, new)
+            hidden = new if hidden is None else torch.cat([hidden, new], dim=0)
+        begin = end
+    logits = adapter.classify(weights, hidden, rows.key_mask)
+    return target_probability(logits, rows.target), leaves
+
+
+def _full_layer(
+    adapter: EncoderAdapter, weights: Weights, layer: int, x: Tensor, bias: Tensor | None, is_top: bool
+) -> Tensor:
+    if is_top:
+        k, v = adapter.project_kv(weights, layer, x)
+        x = x[:, :1]
+        q = adapter.project_q(weights, layer, x)
+    else:
+        q, k, v = adapter.project_qkv(weights, layer, x)
+    context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=adapter.scale)
+    return adapter.feed_forward(weights, layer, adapter.attention_output(weights, layer, context, x))
+
+
+def context_gradients(adapter: EncoderAdapter, weights: Weights, rows: Rows) -> tuple[Tensor, Tensor]:
+    """(F [R], G [R, H, n, d] float32): one forward and one backward over the chunk."""
+    with torch.enable_grad():
+        prob, leaves = forward_rows(adapter, weights, rows, need_grad=True)
+        grads = torch.autograd.grad(prob.sum(), [leaf for _, leaf in leaves])
+    grad = torch.zeros(rows.context.shape, dtype=torch.float32, device=rows.context.device)
+    for (span, _), g in zip(leaves, grads):
+        grad[span, :, : g.shape[2]] = g.float()
+    return prob.detach(), grad
+
+
+def baseline_probability(adapter: EncoderAdapter, weights: Weights, rows: Rows) -> Tensor:
+    """F with the start layer's attention set to zero (α = 0), float32 [R]."""
+    with torch.no_grad():
+        prob, _ = forward_rows(adapter, weights, rows, need_grad=False)
+    return prob
+
+
+def gather_rows(prefix: Prefix, examples: Tensor, layers: list[int], layer_idx: Tensor, alpha: Tensor,
+                target: Tensor) -> tuple[Rows, Tensor]:
+    """Rows for (example, layers[layer_idx], alpha), sorted by start layer; also the sort order."""
+    start = torch.tensor(layers, device=examples.device)[layer_idx]
+    order = torch.sort(start, stable=True).indices
+    examples, layer_idx, alpha, start = examples[order], layer_idx[order], alpha[order], start[order]
+    hidden = torch.empty((len(order), *next(iter(prefix.layers.values())).hidden_in.shape[1:]),
+                         dtype=prefix.layers[layers[0]].hidden_in.dtype, device=examples.device)
+    context = torch.empty((len(order), *prefix.layers[layers[0]].context.shape[1:]),
+                          dtype=hidden.dtype, device=examples.device)
+    for li, layer in enumerate(layers):
+        sel = (layer_idx == li).nonzero().squeeze(-1)
+        if len(sel):
+            hidden[sel] = prefix.layers[layer].hidden_in[examples[sel]]
+            context[sel] = prefix.layers[layer].context[examples[sel]]
+    rows = Rows(start_layer=start, alpha=alpha, hidden_in=hidden, context=context,
+                key_mask=prefix.key_mask[examples], target=target[examples])
+    return rows, order
+
+
+def default_rows_per_chunk(adapter: EncoderAdapter, n: int, lowest_layer: int, dtype: torch.dtype,
+                           device: torch.device) -> int:
+    """Rows per chunk from a memory budget: activations kept for the backward of one row."""
+    item = torch.finfo(dtype).bits // 8
+    intermediate = adapter.model.config.intermediate_size
+    per_layer = n * (12 * adapter.hidden_size + 3 * intermediate) + 3 * adapter.n_heads * n * n
+    per_row = max(1, (adapter.n_layers - lowest_layer)) * per_layer * item
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = int(0.5 * free)
+    else:
+        budget = 1 << 30  # beyond a GiB the CPU gains nothing from bigger batches
+    return int(max(1, min(8192, budget // per_row)))
+
+
+@dataclass
+class GroupResult:
+    """Per-example outputs of one group, at the group's length n (float32)."""
+
+    head_max: Tensor  # [B, L', H]
+    layer_attr: Tensor  # [B, L', n, n]
+    prob: Tensor  # [B]
+    target: Tensor  # [B]
+    baseline: Tensor  # [B, L'] F with the layer's attention zeroed
+    attr_sum: Tensor  # [B, L'] Σ attributions
+    attributions: Tensor | None  # [B, L', H, n, n]
+    attention: Tensor | None  # [B, L', H, n, n]
+
+
+def attribute_group(
+    adapter: EncoderAdapter,
+    prefix_weights: Weights,
+    row_weights: Weights,
+    input_ids: Tensor,
+    key_mask: Tensor,
+    token_type_ids: Tensor | None,
+    target: Tensor | None,
+    layers: list[int],
+    alphas: Tensor,
+    quad_weights: Tensor,
+    full_output: bool,
+    rows_per_chunk: int,
+    reduce_layer,
+) -> GroupResult:
+    """Attributions for a group of examples padded to a common length (padding masked).
+
+    `reduce_layer(state, context_grad, key_mask, full)` → (attributions or None, head_max, layer_attr)
+    is the backend: the torch ops in this module or the Triton kernel.
+    """
+    device = input_ids.device
+    keep_qk = getattr(reduce_layer, "needs_qk", False)
+    prefix = run_prefix(adapter, prefix_weights, input_ids, key_mask, token_type_ids, layers,
+                        keep_probs=full_output or not keep_qk, keep_qk=keep_qk)
+    if target is None:
+        target = prefix.logits.argmax(-1)
+    prob = target_probability(prefix.logits, target)
+    n_ex, n_layers, n_nodes = input_ids.shape[0], len(layers), len(alphas)
+
+    # Rows (example, layer, node) in that order, chunked; Ḡ accumulated with the quadrature weights.
+    example = torch.arange(n_ex, device=device).repeat_interleave(n_layers * n_nodes)
+    layer_idx = torch.arange(n_layers, device=device).repeat_interleave(n_nodes).repeat(n_ex)
+    node = torch.arange(n_nodes, device=device).repeat(n_ex * n_layers)
+    alphas, quad_weights = alphas.to(device), quad_weights.to(device)
+    ctx_shape = prefix.layers[layers[0]].context.shape[1:]
+    grad_sum = torch.zeros((n_ex * n_layers, *ctx_shape), dtype=torch.float32, device=device)
+    for begin in range(0, len(example), rows_per_chunk):
+        span = slice(begin, begin + rows_per_chunk)
+        rows, order = gather_rows(prefix, example[span], layers, layer_idx[span], alphas[node[span]], target)
+        _, grad = context_gradients(adapter, row_weights, rows)
+        slot = (example[span] * n_layers + layer_idx[span])[order]
+        grad_sum.index_add_(0, slot, grad * quad_weights[node[span]][order].view(-1, 1, 1, 1))
+
+    # F(layer l's attention = 0): one row per (example, layer) at α = 0, no backward.
+    baseline = torch.empty(n_ex * n_layers, dtype=torch.float32, device=device)
+    base_example = torch.arange(n_ex, device=device).repeat_interleave(n_layers)
+    base_layer = torch.arange(n_layers, device=device).repeat(n_ex)
+    for begin in range(0, len(base_example), rows_per_chunk):
+        span = slice(begin, begin + rows_per_chunk)
+        zero = torch.zeros(len(base_example[span]), device=device)
+        rows, order = gather_rows(prefix, base_example[span], layers, base_layer[span], zero, target)
+        baseline[(base_example[span] * n_layers + base_layer[span])[order]] = baseline_probability(
+            adapter, row_weights, rows)
+
+    grad_sum = grad_sum.view(n_ex, n_layers, *ctx_shape)
+    head_max, layer_attr, attr_sum, attributions, attention = [], [], [], [], []
+    for li, layer in enumerate(layers):
+        state = prefix.layers[layer]
+        attr, hmax, lsum = reduce_layer(state, grad_sum[:, li], prefix.key_mask, full_output)
+        head_max.append(hmax)
+        layer_attr.append(lsum)
+        attr_sum.append(lsum.sum(dim=(-1, -2)))
+        if full_output:
+            attributions.append(attr)
+            attention.append(_masked_probs(state.probs, prefix.key_mask))
+    return GroupResult(
+        head_max=torch.stack(head_max, 1),
+        layer_attr=torch.stack(layer_attr, 1),
+        prob=prob,
+        target=target,
+        baseline=baseline.view(n_ex, n_layers),
+        attr_sum=torch.stack(attr_sum, 1),
+        attributions=torch.stack(attributions, 1) if full_output else None,
+        attention=torch.stack(attention, 1) if full_output else None,
+    )
+
+
+def _masked_probs(probs: Tensor, key_mask: Tensor) -> Tensor:
+    keep = reductions.pair_mask(key_mask).unsqueeze(1)
+    return probs.float().masked_fill(~keep, 0.0)
+
+
+def reduce_layer_torch(state: LayerState, context_grad: Tensor, key_mask: Tensor, full: bool):
+    """Torch backend: materialise A ⊙ (Ḡ Vᵀ) [B, H, n, n] and reduce it."""
+    attr = reductions.attribution_from_context_grad(state.probs, state.values, context_grad)
+    attr = attr.masked_fill(~reductions.pair_mask(key_mask).unsqueeze(1), 0.0)
+    return (attr if full else None), reductions.masked_head_max(attr, key_mask), attr.sum(dim=1)

@@ -1,0 +1,85 @@
+"""Argument checks shared by the engine's API and the reference (one message per mistake)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from attattr_fast import quadrature
+from attattr_fast.adapters import EncoderAdapter
+from attattr_fast.errors import AttAttrError
+
+OUTPUTS = ("full", "reduced")
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def check_options(method: str, n_steps: int, output: str, dtype, internal_batch_size, top_k) -> tuple[np.ndarray, np.ndarray]:
+    """Validates the scalar options; returns the quadrature (alphas, weights)."""
+    try:
+        alphas, weights = quadrature.nodes_and_weights(method, n_steps)
+    except ValueError as exc:
+        raise AttAttrError(str(exc)) from None
+    if output not in OUTPUTS:
+        raise AttAttrError(f"unknown output {output!r}; choose one of {', '.join(OUTPUTS)}")
+    if dtype is not None and dtype not in DTYPES:
+        raise AttAttrError(f"unsupported dtype {dtype}; use float32, bfloat16 or float16")
+    if internal_batch_size is not None and (
+        isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, int) or internal_batch_size < 1
+    ):
+        raise AttAttrError(f"internal_batch_size must be a positive integer, got {internal_batch_size!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise AttAttrError(f"top_k must be a non-negative integer, got {top_k!r}")
+    return alphas, weights
+
+
+def validate_inputs(
+    adapter: EncoderAdapter,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    token_type_ids: Tensor | None,
+    target: int | Tensor | None,
+    layers: list[int] | None,
+) -> tuple[Tensor, Tensor | None, Tensor | None, list[int]]:
+    """Checks shapes and ranges; returns (key_mask bool [B, n], token types, target, layers)."""
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+        raise AttAttrError("input_ids must be a LongTensor of shape [batch, length]")
+    batch, length = input_ids.shape
+    if batch == 0 or length == 0:
+        raise AttAttrError("input_ids is empty: nothing to attribute")
+    if length > adapter.max_length:
+        raise AttAttrError(f"sequence length {length} exceeds the model's maximum of {adapter.max_length} tokens")
+    if attention_mask is None:
+        key_mask = torch.ones_like(input_ids, dtype=torch.bool)
+    else:
+        if tuple(attention_mask.shape) != (batch, length):
+            raise AttAttrError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(batch, length)}")
+        key_mask = attention_mask.to(input_ids.device).bool()
+        if not bool(key_mask[:, 0].all()):
+            raise AttAttrError("every example needs at least one real token, and padding must be on the right")
+        if bool((key_mask[:, 1:] & ~key_mask[:, :-1]).any()):
+            raise AttAttrError("attention_mask must be right-padded (1s then 0s in every row)")
+    if token_type_ids is not None:
+        if tuple(token_type_ids.shape) != (batch, length):
+            raise AttAttrError(f"token_type_ids has shape {tuple(token_type_ids.shape)}, expected {(batch, length)}")
+        token_type_ids = token_type_ids.to(input_ids.device)
+    n_labels = adapter.num_labels
+    if target is not None:
+        if isinstance(target, int) and not isinstance(target, bool):
+            target = torch.full((batch,), target, dtype=torch.long)
+        if not isinstance(target, Tensor) or target.dtype != torch.long or tuple(target.shape) != (batch,):
+            raise AttAttrError(f"target must be None, an int or a LongTensor of shape [{batch}]")
+        if bool(((target < 0) | (target >= n_labels)).any()):
+            raise AttAttrError(f"target out of range: the model has {n_labels} classes (0..{n_labels - 1})")
+        target = target.to(input_ids.device)
+    if layers is None:
+        layers = list(range(adapter.n_layers))
+    layers = [int(x) for x in layers]
+    if not layers:
+        raise AttAttrError("layers is empty")
+    bad = [x for x in layers if not 0 <= x < adapter.n_layers]
+    if bad:
+        raise AttAttrError(f"layer index {bad[0]} out of range: the model has {adapter.n_layers} layers (0..{adapter.n_layers - 1})")
+    if len(set(layers)) != len(layers):
+        raise AttAttrError(f"layers has duplicates: {layers}")
+    return key_mask, token_type_ids, target, layers
