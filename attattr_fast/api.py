@@ -141,6 +141,7 @@ class AttentionAttribution:
             attributions=out.attributions,
             attention=out.attention,
             head_max=out.head_max,
+            head_argmax=out.head_argmax,
             layer_attr=out.layer_attr,
             target=out.target,
             prob=out.prob,
@@ -161,6 +162,7 @@ class _Collector:
     def __init__(self, batch: int, n_layers: int, n_heads: int, length: int, full: bool, device):
         f32 = dict(dtype=torch.float32, device=device)
         self.head_max = torch.zeros(batch, n_layers, n_heads, **f32)
+        self.head_argmax = torch.zeros(batch, n_layers, n_heads, 2, dtype=torch.long, device=device)
         self.layer_attr = torch.zeros(batch, n_layers, length, length, **f32)
         self.prob = torch.zeros(batch, **f32)
         self.target = torch.zeros(batch, dtype=torch.long, device=device)
@@ -171,6 +173,7 @@ class _Collector:
 
     def put(self, idx: Tensor, n: int, group: engine.GroupResult) -> None:
         self.head_max[idx] = group.head_max
+        self.head_argmax[idx] = group.head_argmax
         self.layer_attr[idx, :, :n, :n] = group.layer_attr
         self.prob[idx] = group.prob
         self.target[idx] = group.target

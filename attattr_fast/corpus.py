@@ -90,6 +90,7 @@ def attribute_corpus(
                 prob=float(res.prob[b]),
                 layers=list(res.layers),
                 head_max=res.head_max[b],
+                head_argmax=res.head_argmax[b],
                 layer_attr=res.layer_attr[b, :, :m, :m],
                 delta=res.delta[b],
                 attributions=None if res.attributions is None else res.attributions[b, :, :, :m, :m],

@@ -207,6 +207,7 @@ class GroupResult:
     """Per-example outputs of one group, at the group's length n (float32)."""
 
     head_max: Tensor  # [B, L', H]
+    head_argmax: Tensor  # long [B, L', H, 2]: (i, j) of each head's maximum
     layer_attr: Tensor  # [B, L', n, n]
     prob: Tensor  # [B]
     target: Tensor  # [B]
@@ -233,8 +234,9 @@ def attribute_group(
 ) -> GroupResult:
     """Attributions for a group of examples padded to a common length (padding masked).
 
-    `reduce_layer(state, context_grad, key_mask, full)` → (attributions or None, head_max, layer_attr)
-    is the backend: the torch ops in this module or the Triton kernel.
+    `reduce_layer(state, context_grad, key_mask, full)` → (attributions [B, H, n, n] or None,
+    head_max [B, H], head_argmax [B, H, 2], layer_attr [B, n, n]) is the backend: the torch ops in
+    this module or the Triton kernel.
     """
     device = input_ids.device
     keep_qk = getattr(reduce_layer, "needs_qk", False)
@@ -271,11 +273,12 @@ def attribute_group(
             adapter, row_weights, rows)
 
     grad_sum = grad_sum.view(n_ex, n_layers, *ctx_shape)
-    head_max, layer_attr, attr_sum, attributions, attention = [], [], [], [], []
+    head_max, head_argmax, layer_attr, attr_sum, attributions, attention = [], [], [], [], [], []
     for li, layer in enumerate(layers):
         state = prefix.layers[layer]
-        attr, hmax, lsum = reduce_layer(state, grad_sum[:, li], prefix.key_mask, full_output)
+        attr, hmax, hpos, lsum = reduce_layer(state, grad_sum[:, li], prefix.key_mask, full_output)
         head_max.append(hmax)
+        head_argmax.append(hpos)
         layer_attr.append(lsum)
         attr_sum.append(lsum.sum(dim=(-1, -2)))
         if full_output:
@@ -283,6 +286,7 @@ def attribute_group(
             attention.append(_masked_probs(state.probs, prefix.key_mask))
     return GroupResult(
         head_max=torch.stack(head_max, 1),
+        head_argmax=torch.stack(head_argmax, 1),
         layer_attr=torch.stack(layer_attr, 1),
         prob=prob,
         target=target,
@@ -302,4 +306,5 @@ def reduce_layer_torch(state: LayerState, context_grad: Tensor, key_mask: Tensor
     """Torch backend: materialise A ⊙ (Ḡ Vᵀ) [B, H, n, n] and reduce it."""
     attr = reductions.attribution_from_context_grad(state.probs, state.values, context_grad)
     attr = attr.masked_fill(~reductions.pair_mask(key_mask).unsqueeze(1), 0.0)
-    return (attr if full else None), reductions.masked_head_max(attr, key_mask), attr.sum(dim=1)
+    head_max, head_argmax = reductions.masked_head_max(attr, key_mask)
+    return (attr if full else None), head_max, head_argmax, attr.sum(dim=1)

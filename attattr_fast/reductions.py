@@ -23,10 +23,16 @@ def attribution_from_context_grad(probs: Tensor, values: Tensor, context_grad: T
     return probs.float() * torch.matmul(context_grad.float(), values.float().transpose(-1, -2))
 
 
-def masked_head_max(attr: Tensor, valid: Tensor) -> Tensor:
-    """Signed maximum over real (i, j) of every head: [..., H, n, n] → [..., H]."""
+def masked_head_max(attr: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """Signed maximum over real (i, j) of every head and where it is (first in row-major order).
+
+    [..., H, n, n] → (max [..., H], argmax long [..., H, 2] holding (i, j)).
+    """
     keep = pair_mask(valid).unsqueeze(-3)
-    return attr.masked_fill(~keep, float("-inf")).amax(dim=(-1, -2))
+    flat = attr.masked_fill(~keep, float("-inf")).flatten(-2)
+    value, index = flat.max(dim=-1)
+    n = attr.shape[-1]
+    return value, torch.stack([index // n, index % n], dim=-1)
 
 
 @dataclass

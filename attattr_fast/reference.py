@@ -21,7 +21,7 @@ from torch import Tensor
 
 from attattr_fast.adapters import adapter_for
 from attattr_fast.inputs import check_options, validate_inputs
-from attattr_fast.reductions import top_interactions
+from attattr_fast.reductions import masked_head_max, top_interactions
 from attattr_fast.result import AttributionResult
 
 _IMPLEMENTATION = "attattr_reference"
@@ -123,7 +123,6 @@ def attribute(
     f32 = dict(dtype=torch.float32)
     attributions = torch.zeros(batch, len(layers), n_heads, length, length, **f32)
     attention = torch.zeros_like(attributions)
-    head_max = torch.zeros(batch, len(layers), n_heads, **f32)
     prob = torch.zeros(batch, **f32)
     baseline = torch.zeros(batch, len(layers), **f32)
     targets = torch.zeros(batch, dtype=torch.long)
@@ -156,18 +155,19 @@ def attribute(
                 attr = (probs.double() * grad_sum)[0]
                 attributions[b, li, :, :n, :n] = attr.float()
                 attention[b, li, :, :n, :n] = probs[0].float()
-                head_max[b, li] = attr.amax(dim=(-1, -2)).float()
 
     # Σ in float64 over the same float32 values the caller sees
     attr_sum = attributions.double().sum(dim=(-1, -2, -3))
     delta = (attr_sum - (prob.double().unsqueeze(1) - baseline.double())).float()
     layer_attr = attributions.sum(dim=2)
+    head_max, head_argmax = masked_head_max(attributions, key_mask.cpu().unsqueeze(1))
     top = top_interactions(layer_attr, key_mask.cpu().unsqueeze(1), top_k) if top_k else None
     full = output == "full"
     result = AttributionResult(
         attributions=attributions if full else None,
         attention=attention if full else None,
         head_max=head_max,
+        head_argmax=head_argmax,
         layer_attr=layer_attr,
         target=targets,
         prob=prob,

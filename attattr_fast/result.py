@@ -16,6 +16,7 @@ class AttributionResult:
     attributions: float32 [B, L', H, n, n], zero where query or key is padding (None if "reduced").
     attention:    float32 [B, L', H, n, n] attention probabilities (None if "reduced").
     head_max:     float32 [B, L', H] signed max of each head's attributions over real (i, j).
+    head_argmax:  long [B, L', H, 2] the (i, j) where that maximum is (first in row-major order).
     layer_attr:   float32 [B, L', n, n] sum over heads (the attribution graph's layer matrix).
     target:       long [B] the attributed class.
     prob:         float32 [B] F, the target's probability at the real input.
@@ -26,6 +27,7 @@ class AttributionResult:
     attributions: Tensor | None
     attention: Tensor | None
     head_max: Tensor
+    head_argmax: Tensor
     layer_attr: Tensor
     target: Tensor
     prob: Tensor

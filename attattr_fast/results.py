@@ -25,7 +25,7 @@ from attattr_fast.errors import AttAttrError
 
 FORMAT = "attattr-fast-results"
 FORMAT_VERSION = 1
-TENSOR_FIELDS = ("head_max", "layer_attr", "delta", "attributions", "attention",
+TENSOR_FIELDS = ("head_max", "head_argmax", "layer_attr", "delta", "attributions", "attention",
                  "top_query", "top_key", "top_score")  # fmt: skip
 
 
@@ -60,6 +60,7 @@ class Record:
     prob: float
     layers: list[int]
     head_max: Tensor  # [L', H]
+    head_argmax: Tensor  # long [L', H, 2]
     layer_attr: Tensor | None  # [L', n, n]
     delta: Tensor  # [L']
     attributions: Tensor | None  # [L', H, n, n] ("full" output only)
