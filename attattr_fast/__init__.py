@@ -3,6 +3,8 @@
 from attattr_fast.adapters import EncoderAdapter, adapter_for, register_adapter
 from attattr_fast.api import AttentionAttribution
 from attattr_fast.errors import AttAttrError, UnsupportedModelError
+from attattr_fast.models import load_classifier
+from attattr_fast.results import load_results
 from attattr_fast.result import AttributionResult
 
 __version__ = "0.1.0"
@@ -14,6 +16,8 @@ __all__ = [
     "EncoderAdapter",
     "UnsupportedModelError",
     "adapter_for",
+    "load_classifier",
+    "load_results",
     "register_adapter",
     "__version__",
 ]
