@@ -1,0 +1,197 @@
+"""The engine against the literal algorithm (attattr_fast.reference) and against invariants."""
+
+import pytest
+import torch
+
+from attattr_fast import AttAttrError, AttentionAttribution, reference
+from attattr_fast.quadrature import METHODS
+from conftest import FAMILIES, padded_batch, tiny_classifier
+from tolerances import COMPLETENESS_ABS, COMPLETENESS_REL, LOW_PRECISION_FACTOR, RTOL_F32
+
+LENGTHS = [9, 6, 1]  # a padded batch of different lengths, down to a single token
+
+
+def assert_close_per_layer(got, expected, rtol=RTOL_F32):
+    for layer in range(expected.shape[1]):
+        scale = expected[:, layer].abs().max().item()
+        err = (got[:, layer] - expected[:, layer]).abs().max().item()
+        assert err <= rtol * scale, f"layer {layer}: max |diff| {err:.3g} > {rtol} × {scale:.3g}"
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_model(request):
+    model = tiny_classifier(request.param, layers=2)
+    return model, padded_batch(model, LENGTHS, pair_at=4)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("n_steps", [1, 7, 20])
+def test_engine_equals_reference(family_model, method, n_steps):
+    model, (ids, mask, types) = family_model
+    got = AttentionAttribution(model).attribute(ids, mask, types, n_steps=n_steps, method=method,
+                                                backend="torch", top_k=4)  # fmt: skip
+    ref = reference.attribute(model, ids, mask, types, n_steps=n_steps, method=method, dtype=torch.float64, top_k=4)
+    assert got.attributions.shape == (3, 2, 4, 9, 9) and got.attributions.dtype == torch.float32
+    assert_close_per_layer(got.attributions, ref.attributions)
+    assert_close_per_layer(got.layer_attr, ref.layer_attr)
+    torch.testing.assert_close(got.attention, ref.attention, atol=1e-6, rtol=0)
+    assert torch.equal(got.target, ref.target)
+    torch.testing.assert_close(got.prob, ref.prob, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got.baseline, ref.baseline, atol=1e-6, rtol=0)
+    scale = ref.attributions.abs().max().item()
+    assert (got.head_max - ref.head_max).abs().max().item() <= RTOL_F32 * scale
+    # delta is Σ attributions − (F(A) − F(0)), with F(0) from the reference's own forward
+    expected_delta = got.attributions.double().sum(dim=(2, 3, 4)) - (ref.prob.double()[:, None] - ref.baseline)
+    torch.testing.assert_close(got.delta.double(), expected_delta, atol=1e-6, rtol=0)
+
+
+def test_padding_is_zero_and_head_max_ignores_it():
+    model = tiny_classifier("bert")
+    ids, mask, types = padded_batch(model, [7, 3])
+    res = AttentionAttribution(model).attribute(ids, mask, types, n_steps=3, backend="torch", top_k=50)
+    assert torch.all(res.attributions[1, :, :, 3:, :] == 0) and torch.all(res.attributions[1, :, :, :, 3:] == 0)
+    assert torch.all(res.attention[1, :, :, :, 3:] == 0)
+    real = res.attributions[1, :, :, :3, :3]
+    torch.testing.assert_close(res.head_max[1], real.amax(dim=(-1, -2)))
+    i, j = res.head_argmax[1].unbind(-1)
+    assert torch.all((i < 3) & (j < 3))
+    picked = res.attributions[1].gather(-1, j[..., None, None].expand(-1, -1, 7, 1)).squeeze(-1)
+    torch.testing.assert_close(picked.gather(-1, i[..., None]).squeeze(-1), res.head_max[1])
+    # top-k over real pairs only: 9 real pairs, the rest padded with -1 / NaN
+    assert torch.all(res.top_k.query[1, :, 9:] == -1) and torch.isnan(res.top_k.score[1, :, 9:]).all()
+    assert torch.all(res.top_k.score[1, :, :8] >= res.top_k.score[1, :, 1:9])
+
+
+def test_example_in_a_padded_batch_equals_example_alone():
+    model = tiny_classifier("roberta")
+    ids, mask, types = padded_batch(model, [8, 5, 8])
+    aa = AttentionAttribution(model)
+    batch = aa.attribute(ids, mask, types, n_steps=4, backend="torch")
+    alone = aa.attribute(ids[1:2, :5], mask[1:2, :5], types[1:2, :5], n_steps=4, backend="torch")
+    assert_close_per_layer(batch.attributions[1:2, :, :, :5, :5], alone.attributions)
+    torch.testing.assert_close(batch.prob[1], alone.prob[0])
+
+
+def test_chunking_layer_subset_and_determinism():
+    model = tiny_classifier("electra", layers=3)
+    ids, mask, types = padded_batch(model, [6, 4])
+    aa = AttentionAttribution(model)
+    whole = aa.attribute(ids, mask, types, n_steps=5, backend="torch")
+    chunked = aa.attribute(ids, mask, types, n_steps=5, backend="torch", internal_batch_size=1)
+    subset = aa.attribute(ids, mask, types, n_steps=5, backend="torch", layers=[2, 0], internal_batch_size=7)
+    assert_close_per_layer(chunked.attributions, whole.attributions)
+    assert_close_per_layer(subset.attributions, whole.attributions[:, [2, 0]])
+    assert subset.layers == [2, 0]
+    again = aa.attribute(ids, mask, types, n_steps=5, backend="torch")
+    assert torch.equal(again.attributions, whole.attributions)
+
+
+def test_position_zero_head_leaves_only_row_zero_of_the_last_layer():
+    model = tiny_classifier("bert", layers=3)
+    ids, mask, types = padded_batch(model, [7])
+    res = AttentionAttribution(model).attribute(ids, mask, types, n_steps=3, backend="torch")
+    last = res.attributions[0, -1]
+    assert torch.all(last[:, 1:, :] == 0)
+    assert last[:, 0, :].abs().max() > 0
+    assert res.attributions[0, 0, :, 1:, :].abs().max() > 0  # lower layers use every row
+
+
+def test_gated_head_has_zero_attribution():
+    model = tiny_classifier("bert")
+    aa = AttentionAttribution(model)
+    aa.adapter.head_gates[1, 3] = 0.0
+    ids, mask, types = padded_batch(model, [6])
+    res = aa.attribute(ids, mask, types, n_steps=3, backend="torch")
+    assert torch.all(res.attributions[0, 1, 3] == 0)
+    assert res.attributions[0, 1, 2].abs().max() > 0
+
+
+def test_explicit_target_matches_reference():
+    model = tiny_classifier("bert", layers=2)
+    ids, mask, types = padded_batch(model, [5, 4])
+    target = torch.tensor([2, 0])
+    got = AttentionAttribution(model).attribute(ids, mask, types, target=target, n_steps=3, backend="torch")
+    ref = reference.attribute(model, ids, mask, types, target=target, n_steps=3, dtype=torch.float64)
+    assert torch.equal(got.target, target)
+    assert_close_per_layer(got.attributions, ref.attributions)
+    as_int = AttentionAttribution(model).attribute(ids, mask, types, target=1, n_steps=3, backend="torch")
+    assert torch.equal(as_int.target, torch.tensor([1, 1]))
+
+
+def test_reduced_output_keeps_the_reductions():
+    model = tiny_classifier("bert")
+    ids, mask, types = padded_batch(model, [6, 4])
+    aa = AttentionAttribution(model)
+    full = aa.attribute(ids, mask, types, n_steps=3, backend="torch", top_k=3)
+    reduced = aa.attribute(ids, mask, types, n_steps=3, backend="torch", top_k=3, output="reduced")
+    assert reduced.attributions is None and reduced.attention is None
+    torch.testing.assert_close(reduced.layer_attr, full.layer_attr)
+    torch.testing.assert_close(reduced.head_max, full.head_max)
+    assert torch.equal(reduced.top_k.query, full.top_k.query)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_within_twice_plain_torch_error(dtype):
+    """Engine with the upper layers in low precision vs float64, against the whole model in that dtype."""
+    model = tiny_classifier("bert", layers=3, hidden=64)
+    ids, mask, types = padded_batch(model, [12, 9])
+    exact = reference.attribute(model, ids, mask, types, n_steps=4, dtype=torch.float64)
+    plain = reference.attribute(model, ids, mask, types, n_steps=4, dtype=dtype, target=exact.target)
+    got = AttentionAttribution(model).attribute(ids, mask, types, n_steps=4, dtype=dtype, target=exact.target,
+                                                backend="torch")  # fmt: skip
+    err_plain = (plain.attributions - exact.attributions).abs().max().item()
+    err_engine = (got.attributions - exact.attributions).abs().max().item()
+    assert err_plain > 0
+    assert err_engine <= LOW_PRECISION_FACTOR * err_plain, (err_engine, err_plain)
+
+
+def test_completeness_on_minilm(builtin):
+    """Gauss–Legendre 8 closes the completeness gap; the Riemann gap shrinks as n_steps grows."""
+    model, tokenizer = builtin
+    enc = tokenizer(["The plot is thin but the actors are wonderful."], return_tensors="pt")
+    aa = AttentionAttribution(model)
+    res = aa.attribute(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"], n_steps=8,
+                       method="gausslegendre", backend="torch", output="reduced")  # fmt: skip
+    gap = (res.prob[:, None] - res.baseline).abs()
+    assert torch.all(gap > 1e-4)  # the layers matter, so the check is not vacuous
+    assert torch.all(res.delta.abs() <= COMPLETENESS_REL * gap + COMPLETENESS_ABS), (res.delta, gap)
+    deltas = []
+    for n_steps in (2, 8, 32):
+        r = aa.attribute(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"], n_steps=n_steps,
+                         backend="torch", output="reduced")  # fmt: skip
+        deltas.append(r.delta.abs().sum().item())
+    assert deltas[0] > deltas[1] > deltas[2]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(attention_mask=torch.ones(2, 4, dtype=torch.long)), "attention_mask has shape"),
+    (dict(token_type_ids=torch.zeros(1, 5, dtype=torch.long)), "token_type_ids has shape"),
+    (dict(target=3), "target out of range"),
+    (dict(target=torch.tensor([0, -1])), "target out of range"),
+    (dict(target=torch.tensor([0])), "target must be"),
+    (dict(layers=[0, 3]), "layer index 3 out of range"),
+    (dict(layers=[1, 1]), "duplicates"),
+    (dict(method="simpson"), "unknown method"),
+    (dict(n_steps=0), "n_steps must be"),
+    (dict(output="everything"), "unknown output"),
+    (dict(backend="cuda"), "unknown backend"),
+    (dict(internal_batch_size=0), "internal_batch_size"),
+    (dict(attention_mask=torch.tensor([[1, 0, 1, 1, 1], [1, 1, 1, 1, 1]])), "right-padded"),
+])  # fmt: skip
+def test_bad_arguments_raise_one_line_errors(kwargs, message):
+    model = tiny_classifier("bert")
+    ids = torch.randint(5, 100, (2, 5))
+    with pytest.raises(AttAttrError, match=message) as info:
+        AttentionAttribution(model).attribute(ids, **kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_too_long_and_empty_inputs_raise():
+    model = tiny_classifier("bert")
+    aa = AttentionAttribution(model)
+    with pytest.raises(AttAttrError, match="exceeds the model's maximum"):
+        aa.attribute(torch.randint(5, 100, (1, 161)))
+    with pytest.raises(AttAttrError, match="empty"):
+        aa.attribute(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(AttAttrError, match="LongTensor"):
+        aa.attribute(torch.zeros(1, 3))

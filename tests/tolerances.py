@@ -1,0 +1,11 @@
+"""Every numerical tolerance of the test suite, in one table (DESIGN §6)."""
+
+# float32 engine against the float64 reference: max |diff| ≤ RTOL_F32 × max |reference| (per layer)
+RTOL_F32 = 1e-5
+# adapters against transformers' own model, float32 logits
+ADAPTER_ATOL = 1e-5
+# bf16 / fp16: error against float64 at most this factor times plain torch's error in that dtype
+LOW_PRECISION_FACTOR = 2.0
+# completeness with gausslegendre 8 nodes on MiniLM: |delta| ≤ REL × |F(A) − F(0)| + ABS
+COMPLETENESS_REL = 1e-3
+COMPLETENESS_ABS = 1e-6
