@@ -59,3 +59,29 @@ def builtin():
     from attattr_fast.models import load_classifier
 
     return load_classifier(None)
+
+
+WORDS = ("the a an and of to is was it this that film movie good great bad awful dull wonderful boring "
+         "loved hated plot actors story not very too long short fun , . !").split()
+
+
+def save_tiny_classifier(directory, family: str = "bert", max_positions: int = 160):
+    """A tiny classifier with labels negative/positive and a word-level tokenizer, saved with save_pretrained."""
+    from transformers import BertTokenizer
+
+    model = tiny_classifier(family, num_labels=2)
+    model.config.id2label = {0: "negative", 1: "positive"}
+    model.config.label2id = {"negative": 0, "positive": 1}
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    vocab += [f"w{i}" for i in range(model.config.vocab_size - len(vocab))]
+    tokenizer = BertTokenizer(vocab={token: i for i, token in enumerate(vocab)}, model_max_length=max_positions)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Path of a saved tiny BERT sentiment classifier (loads in well under a second)."""
+    return save_tiny_classifier(tmp_path_factory.mktemp("tiny") / "bert")

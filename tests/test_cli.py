@@ -1,0 +1,124 @@
+"""`attattr-fast attribute`: results on good input, one-line errors and no output on bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from attattr_fast import AttentionAttribution, load_classifier, load_results
+from attattr_fast.cli import main
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_attribute_writes_results_equal_to_the_api(capsys, tmp_path, tiny_model_dir):
+    out = tmp_path / "res"
+    code, stdout, _ = run_cli(capsys, "attribute", "--model", str(tiny_model_dir), "--text", "a good film",
+                              "--text", "the plot was dull and too long", "--steps", "3", "--out", str(out))
+    assert code == 0
+    assert "layer" in stdout and ("positive" in stdout or "negative" in stdout)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["method"] == "riemann_right" and manifest["n_steps"] == 3 and manifest["complete"]
+    records = load_results(out)
+    assert len(records) == 2 and records[1].text == "the plot was dull and too long"
+
+    model, tokenizer = load_classifier(tiny_model_dir)
+    enc = tokenizer(["the plot was dull and too long"], return_tensors="pt")
+    direct = AttentionAttribution(model).attribute(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"],
+                                                   n_steps=3)  # fmt: skip
+    torch.testing.assert_close(records[1].layer_attr, direct.layer_attr[0])
+    torch.testing.assert_close(records[1].attributions, direct.attributions[0])
+    assert records[1].tokens == tokenizer.convert_ids_to_tokens(enc["input_ids"][0])
+    assert records[1].target == int(direct.target[0])
+
+
+def test_input_file_with_pairs_and_gold_labels(capsys, tmp_path, tiny_model_dir):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "good film", "text_pair": "loved it", "label": "positive"}\n'
+                    '{"text": "bad plot", "label": "negative"}\n')
+    out = tmp_path / "res"
+    code, _, _ = run_cli(capsys, "attribute", "--model", str(tiny_model_dir), "--input", str(data), "--steps", "2",
+                         "--target", "gold", "--output", "reduced", "--out", str(out), "--quiet")
+    assert code == 0
+    records = load_results(out)
+    assert [r.target for r in records] == [1, 0]
+    assert records[0].attributions is None and records[0].layer_attr is not None
+    assert "[SEP]" in records[0].tokens[:-1]  # the pair's separator sits inside the sequence
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--text", "   "], "empty"),
+    (["--text", "good", "--steps", "0"], "--steps must be a positive integer"),
+    (["--text", "good", "--steps", "many"], "--steps must be a positive integer"),
+    (["--text", "good", "--method", "simpson"], "unknown method"),
+    (["--text", "good", "--layers", "7"], "layer 7 out of range"),
+    (["--text", "good", "--layers", "one"], "cannot parse"),
+    (["--text", "good", "--dtype", "int8"], "unknown dtype"),
+    (["--text", "good", "--target", "neutral"], "unknown label 'neutral'"),
+    (["--text", "good", "--model", "/nonexistent/model"], "no model at"),
+    (["--input", "/nonexistent/file.tsv"], "input file not found"),
+    (["--text", "good", "--text-pair", "a", "--text-pair", "b"], "one --text-pair per --text"),
+])  # fmt: skip
+def test_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, tiny_model_dir, args, message):
+    out = tmp_path / "res"
+    if "--model" not in args:
+        args = [*args, "--model", str(tiny_model_dir)]
+    code, _, err = run_cli(capsys, "attribute", *args, "--out", str(out))
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("attattr-fast: error:") and message in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("no_text.csv", "sentence,label\nhello,positive\n", "no 'text' column"),
+    ("broken.jsonl", '{"text": "fine"}\n{"text": \n', "not valid JSON"),
+    ("empty.tsv", "text\tlabel\n", "no examples"),
+    ("blank.tsv", "text\tlabel\n \tpositive\n", "empty text"),
+    ("labels.tsv", "text\tlabel\ngood film\tneutral\n", "unknown label 'neutral'"),
+    ("data.xml", "<text/>", "unknown input format"),
+])  # fmt: skip
+def test_malformed_input_files(capsys, tmp_path, tiny_model_dir, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    out = tmp_path / "res"
+    code, _, err = run_cli(capsys, "attribute", "--model", str(tiny_model_dir), "--input", str(path),
+                           "--out", str(out))  # fmt: skip
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_unsupported_family(capsys, tmp_path):
+    import transformers as T
+
+    T.DistilBertForSequenceClassification(T.DistilBertConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2,
+                                                             hidden_dim=32)).save_pretrained(tmp_path / "m")  # fmt: skip
+    code, _, err = run_cli(capsys, "attribute", "--model", str(tmp_path / "m"), "--text", "good",
+                           "--out", str(tmp_path / "res"))  # fmt: skip
+    assert code == 2 and "unsupported model family 'distilbert'" in err
+    assert not (tmp_path / "res").exists()
+
+
+def test_text_longer_than_the_model_takes(capsys, caplog, tmp_path, tiny_model_dir):
+    long_text = " ".join(["good"] * 300)  # the tiny model takes 160 tokens
+    code, _, err = run_cli(capsys, "attribute", "--model", str(tiny_model_dir), "--text", long_text,
+                           "--no-truncate", "--out", str(tmp_path / "refused"))  # fmt: skip
+    assert code == 2 and "more than the model's 160" in err
+    assert not (tmp_path / "refused").exists()
+    code, _, err = run_cli(capsys, "attribute", "--model", str(tiny_model_dir), "--text", long_text, "--steps", "1",
+                           "--layers", "0", "--quiet", "--out", str(tmp_path / "cut"))  # fmt: skip
+    assert code == 0 and "truncated to 160" in caplog.text
+    assert len(load_results(tmp_path / "cut")[0].tokens) == 160
+
+
+def test_console_entry_point_prints_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "attattr_fast.cli", "attribute", "--text", "",
+                           "--out", str(tmp_path / "res")], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert not (tmp_path / "res").exists()
