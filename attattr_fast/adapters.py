@@ -25,6 +25,9 @@ from torch import Tensor
 
 from attattr_fast.errors import UnsupportedModelError
 
+# Config attribute of a physically pruned model: the original indices of the heads kept in each layer.
+KEPT_HEADS_CONFIG_KEY = "attattr_kept_heads"
+
 
 @dataclass
 class LayerWeights:
@@ -85,6 +88,16 @@ class EncoderAdapter:
         self.n_heads = config.num_attention_heads
         self.hidden_size = config.hidden_size
         self.head_dim = config.hidden_size // config.num_attention_heads
+        kept = getattr(config, KEPT_HEADS_CONFIG_KEY, None)
+        if kept is not None:  # physically pruned (attattr_fast.pruning): head_dim stays, the head count shrinks
+            counts = sorted({len(heads) for heads in kept})
+            if len(counts) != 1 or counts[0] == 0:
+                raise UnsupportedModelError(
+                    f"this model was physically pruned to {[len(h) for h in kept]} heads per layer; attribution "
+                    "needs the same non-zero number of heads in every layer (gate heads of the unpruned model "
+                    "instead, see attattr_fast.heads)"
+                )
+            self.n_heads = counts[0]
         self.scale = self.head_dim**-0.5
         self.eps = config.layer_norm_eps
         self.num_labels = config.num_labels
@@ -164,7 +177,7 @@ class EncoderAdapter:
         """LN(residual + W_o merge(gate · ctx) + b_o); ctx [B, H, n, d], residual [B, n, D]."""
         lw = w.layers[layer]
         ctx = ctx * w.gates[layer].view(1, -1, 1, 1)
-        merged = ctx.transpose(1, 2).reshape(*residual.shape[:-1], self.hidden_size)
+        merged = ctx.transpose(1, 2).reshape(*residual.shape[:-1], self.n_heads * self.head_dim)
         out = F.linear(merged, lw.wo, lw.bo) + residual
         return F.layer_norm(out, out.shape[-1:], lw.ln_attn_w, lw.ln_attn_b, self.eps)
 

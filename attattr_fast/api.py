@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+
 import torch
 from torch import Tensor
 

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attattr_fast.adapters import EncoderAdapter, Weights
 from attattr_fast import reductions
+from attattr_fast.adapters import EncoderAdapter, Weights
 
 log = logging.getLogger(__name__)
 

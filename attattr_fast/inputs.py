@@ -14,7 +14,9 @@ OUTPUTS = ("full", "reduced")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def check_options(method: str, n_steps: int, output: str, dtype, internal_batch_size, top_k) -> tuple[np.ndarray, np.ndarray]:
+def check_options(
+    method: str, n_steps: int, output: str, dtype, internal_batch_size, top_k
+) -> tuple[np.ndarray, np.ndarray]:
     """Validates the scalar options; returns the quadrature (alphas, weights)."""
     try:
         alphas, weights = quadrature.nodes_and_weights(method, n_steps)
@@ -79,7 +81,9 @@ def validate_inputs(
         raise AttAttrError("layers is empty")
     bad = [x for x in layers if not 0 <= x < adapter.n_layers]
     if bad:
-        raise AttAttrError(f"layer index {bad[0]} out of range: the model has {adapter.n_layers} layers (0..{adapter.n_layers - 1})")
+        raise AttAttrError(
+            f"layer index {bad[0]} out of range: the model has {adapter.n_layers} layers (0..{adapter.n_layers - 1})"
+        )
     if len(set(layers)) != len(layers):
         raise AttAttrError(f"layers has duplicates: {layers}")
     return key_mask, token_type_ids, target, layers

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attattr_fast.adapters import EncoderAdapter, register_adapter
+from attattr_fast.adapters import KEPT_HEADS_CONFIG_KEY, EncoderAdapter, register_adapter
 from attattr_fast.errors import AttAttrError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
@@ -157,14 +157,52 @@ def load_classifier(name_or_path: str | os.PathLike | None = None, num_labels: i
             f"unsupported model family {config.model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     kwargs = {} if num_labels is None else {"num_labels": num_labels}
+    pruned = getattr(config, KEPT_HEADS_CONFIG_KEY, None) is not None
+    if pruned and num_labels is not None and num_labels != config.num_labels:
+        raise AttAttrError(f"{name!r} is a pruned classifier with {config.num_labels} classes; it cannot take a new head")
     try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            name, local_files_only=True, output_loading_info=True, **kwargs
-        )
+        if pruned:  # Linear shapes differ from the config's: rebuilt from the recorded kept heads
+            from attattr_fast.pruning import load_pruned
+
+            model, info = load_pruned(name, config), {}
+        else:
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                name, local_files_only=True, output_loading_info=True, **kwargs
+            )
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise AttAttrError(f"cannot load {name!r}: {str(exc).splitlines()[0]}") from None
     new_head = [k for k in info.get("missing_keys", []) if "classifier" in k or "pooler" in k]
     if new_head and num_labels is None:
-        raise AttAttrError(f"{name!r} has no trained classification head; pass num_labels to create one for fine-tuning")
+        raise AttAttrError(
+            f"{name!r} has no trained classification head; pass num_labels to create one for fine-tuning"
+        )
     return LoadedClassifier(model.eval(), tokenizer)
+
+
+def save_classifier(model: torch.nn.Module, tokenizer, path: str | os.PathLike) -> Path:
+    """`save_pretrained` of the model and tokenizer into a new directory, atomically: written under a
+    temporary name beside it, then renamed, so an interrupted save leaves nothing at `path`."""
+    import shutil
+    import tempfile
+
+    path = Path(path)
+    if isinstance(model, ZeroShotSentimentClassifier) or not hasattr(model, "save_pretrained"):
+        raise AttAttrError(
+            f"{type(model).__name__} has no save format; save a transformers classifier (e.g. from `attattr-fast finetune`)"
+        )
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise AttAttrError(f"{path} exists and is not an empty directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the saved model should read like any other directory
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if path.exists():
+            path.rmdir()
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from attattr_fast import UnsupportedModelError, adapter_for
+
 from conftest import FAMILIES, padded_batch, tiny_classifier
 from tolerances import ADAPTER_ATOL
 

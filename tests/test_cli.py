@@ -96,8 +96,8 @@ def test_malformed_input_files(capsys, tmp_path, tiny_model_dir, name, content, 
 def test_unsupported_family(capsys, tmp_path):
     import transformers as T
 
-    T.DistilBertForSequenceClassification(T.DistilBertConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2,
-                                                             hidden_dim=32)).save_pretrained(tmp_path / "m")  # fmt: skip
+    config = T.DistilBertConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2, hidden_dim=32)
+    T.DistilBertForSequenceClassification(config).save_pretrained(tmp_path / "m")
     code, _, err = run_cli(capsys, "attribute", "--model", str(tmp_path / "m"), "--text", "good",
                            "--out", str(tmp_path / "res"))  # fmt: skip
     assert code == 2 and "unsupported model family 'distilbert'" in err

@@ -5,6 +5,7 @@ import torch
 
 from attattr_fast import AttAttrError, AttentionAttribution, reference
 from attattr_fast.quadrature import METHODS
+
 from conftest import FAMILIES, padded_batch, tiny_classifier
 from tolerances import COMPLETENESS_ABS, COMPLETENESS_REL, LOW_PRECISION_FACTOR, RTOL_F32
 

@@ -5,6 +5,7 @@ import torch
 
 from attattr_fast import AttAttrError, UnsupportedModelError, adapter_for, load_classifier
 from attattr_fast.datasets import builtin_sentiment_examples
+
 from tolerances import ADAPTER_ATOL
 
 
