@@ -20,16 +20,23 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "triton", "torch")
 
 
-def resolve_backend(backend: str, device: torch.device):
-    """The reduction backend: "torch" ops, or the Triton kernel (CUDA, or the CPU interpreter)."""
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32):
+    """The reduction backend: "torch" ops, or the Triton kernel.
+
+    "auto" takes the kernel for CUDA tensors of a dtype it handles, torch ops otherwise (the CPU
+    interpreter is for tests, far too slow to choose on its own). "triton" runs on CUDA, or on the
+    CPU under TRITON_INTERPRET=1, and raises an `AttAttrError` where it cannot run.
+    """
     if backend not in BACKENDS:
         raise AttAttrError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "torch":
         return engine.reduce_layer_torch
     interpreter = os.environ.get("TRITON_INTERPRET") == "1"
     reason = None
-    if device.type != "cuda" and not interpreter:
-        reason = f"tensors are on {device.type}, and the Triton kernel runs on CUDA (or with TRITON_INTERPRET=1)"
+    if device.type != "cuda" and (backend == "auto" or not interpreter):
+        reason = f"tensors are on {device.type}; the Triton kernel runs on CUDA (or with TRITON_INTERPRET=1)"
+    elif dtype == torch.float64:
+        reason = "the Triton kernel has no float64 path"
     else:
         try:
             from attattr_fast.kernels import attribution_reduce
@@ -107,8 +114,8 @@ class AttentionAttribution:
         key_mask, token_type_ids, target, layers = validate_inputs(
             adapter, input_ids, attention_mask, token_type_ids, target, layers
         )
-        reduce_layer = resolve_backend(backend, device)
         prefix_weights = adapter.weights()
+        reduce_layer = resolve_backend(backend, device, prefix_weights.dtype)
         row_weights = adapter.weights(dtype) if dtype is not None and dtype != prefix_weights.dtype else prefix_weights
         alphas = torch.tensor(alphas_np, dtype=torch.float32)
         quad_weights = torch.tensor(weights_np, dtype=torch.float32)

@@ -38,6 +38,7 @@ class LayerState:
     queries: Tensor | None  # Q [B, H, n, d] (triton backend)
     keys: Tensor | None  # K [B, H, n, d] (triton backend)
     lse: Tensor | None  # row log-sum-exp of the scores [B, H, n] (triton backend)
+    scale: float | None = None  # softmax scale of the scores, to recompute them (triton backend)
 
 
 @dataclass
@@ -75,6 +76,7 @@ def run_prefix(
                     queries=q if keep_qk else None,
                     keys=k if keep_qk else None,
                     lse=lse if keep_qk else None,
+                    scale=adapter.scale,
                 )
             x = adapter.feed_forward(weights, layer, adapter.attention_output(weights, layer, context, x))
         logits = adapter.classify(weights, x, key_mask).float()
@@ -172,33 +174,35 @@ def gather_rows(prefix: Prefix, examples: Tensor, layers: list[int], layer_idx: 
     """Rows for (example, layers[layer_idx], alpha), sorted by start layer; also the sort order."""
     start = torch.tensor(layers, device=examples.device)[layer_idx]
     order = torch.sort(start, stable=True).indices
-    examples, layer_idx, alpha, start = examples[order], layer_idx[order], alpha[order], start[order]
-    hidden = torch.empty((len(order), *next(iter(prefix.layers.values())).hidden_in.shape[1:]),
-                         dtype=prefix.layers[layers[0]].hidden_in.dtype, device=examples.device)
-    context = torch.empty((len(order), *prefix.layers[layers[0]].context.shape[1:]),
-                          dtype=hidden.dtype, device=examples.device)
-    for li, layer in enumerate(layers):
-        sel = (layer_idx == li).nonzero().squeeze(-1)
-        if len(sel):
-            hidden[sel] = prefix.layers[layer].hidden_in[examples[sel]]
-            context[sel] = prefix.layers[layer].context[examples[sel]]
-    rows = Rows(start_layer=start, alpha=alpha, hidden_in=hidden, context=context,
+    examples, start = examples[order], start[order]
+    hidden, context = [], []
+    for layer in sorted(set(start.tolist())):
+        block = examples[start == layer]  # contiguous after the sort
+        hidden.append(prefix.layers[layer].hidden_in.index_select(0, block))
+        context.append(prefix.layers[layer].context.index_select(0, block))
+    rows = Rows(start_layer=start, alpha=alpha[order], hidden_in=torch.cat(hidden), context=torch.cat(context),
                 key_mask=prefix.key_mask[examples], target=target[examples])
     return rows, order
 
 
+def memory_budget(device: torch.device) -> int:
+    """Bytes the rows of one chunk may take: half the free memory on CUDA, 1 GiB on the CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(0.5 * free)
+    return 1 << 30  # beyond a GiB the CPU gains nothing from bigger batches
+
+
 def default_rows_per_chunk(adapter: EncoderAdapter, n: int, lowest_layer: int, dtype: torch.dtype,
-                           device: torch.device) -> int:
-    """Rows per chunk from a memory budget: activations kept for the backward of one row."""
+                           device: torch.device, budget: int | None = None) -> int:
+    """Rows per chunk from a memory budget (bytes; None: `memory_budget(device)`): activations kept for the
+    backward of one row."""
     item = torch.finfo(dtype).bits // 8
     intermediate = adapter.model.config.intermediate_size
     per_layer = n * (12 * adapter.hidden_size + 3 * intermediate) + 3 * adapter.n_heads * n * n
     per_row = max(1, (adapter.n_layers - lowest_layer)) * per_layer * item
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = int(0.5 * free)
-    else:
-        budget = 1 << 30  # beyond a GiB the CPU gains nothing from bigger batches
+    if budget is None:
+        budget = memory_budget(device)
     return int(max(1, min(8192, budget // per_row)))
 
 

@@ -9,3 +9,5 @@ LOW_PRECISION_FACTOR = 2.0
 # completeness with gausslegendre 8 nodes on MiniLM: |delta| ≤ REL × |F(A) − F(0)| + ABS
 COMPLETENESS_REL = 1e-3
 COMPLETENESS_ABS = 1e-6
+# Triton kernel, bf16 / fp16 inputs: Ḡ split into two 16-bit parts keeps Ḡ Vᵀ near float32 (vs float64, relative)
+KERNEL_LOW_PRECISION_RTOL = 1e-4
