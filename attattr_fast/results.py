@@ -1,35 +1,60 @@
-"""Results directories (DESIGN §7): the writer and its reader, in one module.
+"""Results directories (DESIGN §7): the format, its writer and its reader, in one module.
 
-    DIR/manifest.json             model, method, n_steps, dtype, layers, output, version, input, shards
-    DIR/shard-00000.safetensors   tensors of the shard's examples, keys "<index>/<field>"
-    DIR/shard-00000.jsonl         one JSON object per example: index, tokens, text, label, target, prob, …
+    DIR/manifest.json                 the run's settings (model and its weights' sha256, method, n_steps, dtype,
+                                      layers, output, store dtype, input file and its sha256, …), package
+                                      version, progress, and the list of finished shards with their checksums
+    DIR/shard-00000.safetensors       the shard's tensors, keys "<index>/<field>"
+    DIR/shard-00000.jsonl             one JSON object per example: index, tokens, text, label, target, prob, …
+    DIR/shard-00000.commit.json       the shard's entry: example indices, line offsets, sizes and sha256 of both
 
-Every file is written under a temporary name and renamed when complete; the manifest lists only
-complete shards, so a reader never sees half an example.
+Every file is written under a temporary name and renamed when complete. A shard counts as finished once its
+commit record exists, and the commit is written last, so a run killed at any instant leaves finished shards,
+which are kept, and at most some files without a commit, which are recomputed. Each process of a multi-process
+run writes its own shards and commits; rank 0 merges the commits into manifest.json. The reader goes by
+manifest.json, opens shards lazily and checks each shard's sha256 the first time it touches it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import os
+import re
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import Tensor
 
 from attattr_fast.errors import AttAttrError
 
+log = logging.getLogger(__name__)
+
 FORMAT = "attattr-fast-results"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+MANIFEST = "manifest.json"
+COMMIT_SUFFIX = ".commit.json"
+LOCK = ".lock"
 TENSOR_FIELDS = ("head_max", "head_argmax", "layer_attr", "delta", "attributions", "attention",
                  "top_query", "top_key", "top_score")  # fmt: skip
+WIDE_FIELDS = ("attributions", "attention", "layer_attr")  # the [.., n, n] tensors that --store-dtype applies to
+SHIFT = ".exp2"  # suffix of the power-of-two scale stored next to a float16 tensor
+META_FIELDS = ("index", "tokens", "text", "text_pair", "label", "target", "target_label", "prob", "layers")
+# Settings that must match for a run to continue an existing directory (the rest, like batch size or the
+# number of processes, changes how fast it goes, not what it computes).
+RESUME_KEYS = ("model", "input", "method", "n_steps", "dtype", "layers", "output", "target", "top_k",
+               "store_dtype", "truncate", "shard_size", "shard_bytes")  # fmt: skip
+_SHARD_FILE = re.compile(r"^(shard-\d{5,})\.(safetensors|jsonl|commit\.json)$")
+_TMP_FILE = re.compile(r"^\..+\.tmp-\d+$")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same directory and a rename."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data)
@@ -48,7 +73,7 @@ def sha256_file(path: Path) -> str:
 
 @dataclass
 class Record:
-    """One example's results. Tensors are float32 at the example's real length n."""
+    """One example's results. Tensors are at the example's real length n; read back as float32."""
 
     index: int
     tokens: list[str]
@@ -70,22 +95,272 @@ class Record:
     top_score: Tensor | None = None
 
 
+def compact(record: Record) -> Record:
+    """The record with CPU tensors that own their memory.
+
+    Records sliced out of a batch result are views that keep the whole batch alive; this copy lets it go.
+    """
+    fields = {}
+    for name in TENSOR_FIELDS:
+        value = getattr(record, name)
+        if value is not None:
+            value = value.to(device="cpu", memory_format=torch.contiguous_format, copy=True)
+        fields[name] = value
+    return Record(**{k: getattr(record, k) for k in META_FIELDS}, **fields)
+
+
+def shard_name(position: int) -> str:
+    return f"shard-{position:05d}"
+
+
+def record_bytes(n: int, n_layers: int, n_heads: int, full: bool) -> int:
+    """Approximate bytes of one record of length n in memory, float32 (the wide tensors dominate)."""
+    wide = n_layers * n * n * (1 + (2 * n_heads if full else 0))
+    return 4 * wide + n_layers * n_heads * 24 + 40 * n + 256
+
+
+def encode_wide(value: Tensor, store_dtype: torch.dtype) -> tuple[Tensor, int]:
+    """(the tensor to store, its power-of-two shift). float16 values are stored times 2**shift, which puts the
+    largest magnitude just below 2**15: attributions are often far below float16's smallest normal number
+    (6e-5) and would lose their precision or vanish; scaled, each value keeps float16's 11 significant bits."""
+    if store_dtype != torch.float16:
+        return value.to(store_dtype), 0
+    largest = float(value.abs().max()) if value.numel() else 0.0
+    shift = 0 if largest == 0.0 or not math.isfinite(largest) else 15 - math.frexp(largest)[1]
+    return torch.ldexp(value.float(), torch.tensor(float(shift))).to(torch.float16), shift
+
+
+def decode_wide(value: Tensor, shift: int) -> Tensor:
+    """float32 values of a stored wide tensor (multiplying by a power of two is exact)."""
+    value = value.float()
+    return torch.ldexp(value, torch.tensor(float(-shift))) if shift else value
+
+
+def write_shard(directory: str | Path, name: str, records: list[Record], store_dtype: torch.dtype = torch.float32,
+                rank: int = 0) -> dict[str, Any]:
+    """Write a shard's tensors and metadata, then its commit record; returns the commit (manifest entry)."""
+    from safetensors.torch import save
+
+    directory = Path(directory)
+    tensors: dict[str, Tensor] = {}
+    lines: list[bytes] = []
+    for r in records:
+        for field in TENSOR_FIELDS:
+            value = getattr(r, field)
+            if value is None:
+                continue
+            value = value.detach().cpu()
+            if field in WIDE_FIELDS and value.is_floating_point():
+                value, shift = encode_wide(value, store_dtype)
+                if shift:
+                    tensors[f"{r.index}/{field}{SHIFT}"] = torch.tensor([shift], dtype=torch.int32)
+            tensors[f"{r.index}/{field}"] = value.contiguous()
+        meta = {k: getattr(r, k) for k in META_FIELDS}
+        lines.append((json.dumps(meta, ensure_ascii=False) + "\n").encode("utf-8"))
+    offsets, pos = [], 0
+    for line in lines:
+        offsets.append(pos)
+        pos += len(line)
+    files = {f"{name}.safetensors": save(tensors), f"{name}.jsonl": b"".join(lines)}
+    for fname, data in files.items():
+        atomic_write_bytes(directory / fname, data)
+    commit = {
+        "name": name,
+        "rank": rank,
+        "n": len(records),
+        "indices": [int(r.index) for r in records],
+        "offsets": offsets,
+        "bytes": {fname: len(data) for fname, data in files.items()},
+        "sha256": {fname: hashlib.sha256(data).hexdigest() for fname, data in files.items()},
+    }
+    atomic_write_bytes(directory / f"{name}{COMMIT_SUFFIX}", json.dumps(commit).encode())
+    return commit
+
+
+def shard_problem(directory: Path, entry: dict[str, Any]) -> str | None:
+    """None when both files of the shard are present and match their checksums, else what is wrong."""
+    for fname, digest in entry["sha256"].items():
+        path = directory / fname
+        if not path.is_file():
+            return f"{fname} is missing"
+        size = path.stat().st_size
+        if size != entry["bytes"][fname]:
+            return f"{fname} has {size} bytes, its commit says {entry['bytes'][fname]}"
+        if sha256_file(path) != digest:
+            return f"{fname} does not match its sha256"
+    return None
+
+
+def read_commits(directory: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """(commit of every shard that has a readable one, {shard: problem} for unreadable commits)."""
+    commits, problems = {}, {}
+    for path in sorted(directory.glob(f"shard-*{COMMIT_SUFFIX}")):
+        name = path.name[: -len(COMMIT_SUFFIX)]
+        try:
+            entry = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(entry, dict) or entry.get("name") != name:
+                raise ValueError
+            commits[name] = entry
+        except (ValueError, UnicodeDecodeError):
+            problems[name] = f"{path.name} is unreadable"
+    return commits, problems
+
+
+def _describe(key: str, value: Any) -> str:
+    if key == "model" and isinstance(value, dict):
+        return f"{value.get('name')} (weights sha256 {str(value.get('sha256'))[:12]})"
+    if key == "input" and isinstance(value, dict):
+        what = value.get("path") or f"{value.get('texts')} --text arguments"
+        return f"{what} (sha256 {str(value.get('sha256'))[:12]}, {value.get('n_examples')} examples)"
+    return json.dumps(value)
+
+
+def _identity(key: str, value: Any) -> Any:
+    if key == "model" and isinstance(value, dict):
+        return value.get("sha256")
+    if key == "input" and isinstance(value, dict):
+        return value.get("sha256"), value.get("encoded_sha256"), value.get("n_examples")
+    return value
+
+
+def check_same_run(directory: Path, old: dict[str, Any], meta: dict[str, Any]) -> None:
+    """Refuse to continue `old` (a manifest) with a run whose settings differ; one line naming every difference."""
+    diffs = [f"{key}: {_describe(key, old.get(key))} there, {_describe(key, meta.get(key))} now"
+             for key in RESUME_KEYS if _identity(key, old.get(key)) != _identity(key, meta.get(key))]  # fmt: skip
+    if diffs:
+        raise AttAttrError(f"{directory} holds results of a different run ({'; '.join(diffs)}); "
+                           "rerun with the same settings to resume it, or choose a new output directory")
+
+
+class DirectoryLock:
+    """An exclusive advisory lock on DIR/.lock for the life of a run; the OS drops it when the process dies."""
+
+    def __init__(self, directory: Path):
+        self.handle: BinaryIO | None = None
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): concurrent runs on one directory are the user's to avoid
+            return
+        self.handle = open(directory / LOCK, "a+b")
+        try:
+            fcntl.flock(self.handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.handle.close()
+            self.handle = None
+            raise AttAttrError(f"{directory} is in use by another run (it holds {directory / LOCK})") from None
+
+    def release(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+
+
+def open_run_directory(directory: str | Path, meta: dict[str, Any], plan: list[list[int]],
+                       repair: bool = False) -> tuple[dict[str, dict[str, Any]], DirectoryLock]:
+    """Create a results directory, or check that an existing one belongs to the same run and is intact.
+
+    Args:
+        directory: the results directory.
+        meta: the run's settings (RESUME_KEYS among them) and descriptive fields for the manifest.
+        plan: example indices of every shard; shard p is named `shard_name(p)`.
+        repair: delete damaged shards (so that the run recomputes them) instead of refusing to go on.
+
+    Returns:
+        (commits of the finished shards by name, the directory lock held for the run).
+
+    Raises:
+        AttAttrError: not a results directory, a different run's directory, in use, or damaged shards
+            without `repair` — each named, with how to recover. Nothing is written before these checks pass.
+    """
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise AttAttrError(f"{directory} exists and is not a directory")
+    names = {shard_name(p): indices for p, indices in enumerate(plan)}
+    if not directory.exists() or not any(p.name != LOCK for p in directory.iterdir()):
+        directory.mkdir(parents=True, exist_ok=True)
+        lock = DirectoryLock(directory)
+        write_manifest(directory, meta, plan, {}, complete=False)
+        return {}, lock
+
+    if not (directory / MANIFEST).is_file():
+        raise AttAttrError(f"{directory} is not empty and has no {MANIFEST}: not a results directory; "
+                           "choose a new output directory")  # fmt: skip
+    old = read_manifest(directory)
+    if old.get("format_version") != FORMAT_VERSION:
+        raise AttAttrError(f"{directory} was written in results format {old.get('format_version')}, this version "
+                           f"writes format {FORMAT_VERSION}; choose a new output directory")  # fmt: skip
+    check_same_run(directory, old, meta)
+    lock = DirectoryLock(directory)
+    try:
+        commits, problems = read_commits(directory)
+        for entry in old["shards"]:
+            if entry["name"] not in commits and entry["name"] not in problems:
+                problems[entry["name"]] = f"{entry['name']}{COMMIT_SUFFIX} is missing"
+        for name, entry in commits.items():
+            if names.get(name) != entry.get("indices"):
+                raise AttAttrError(f"{directory}: shard {name} holds other examples than this run plans for it; "
+                                   "the tokenizer or the input changed, choose a new output directory")
+            problem = shard_problem(directory, entry)
+            if problem:
+                problems[name] = problem
+        if problems and not repair:
+            listing = "; ".join(f"{name}: {why}" for name, why in sorted(problems.items()))
+            raise AttAttrError(f"{directory}: {len(problems)} damaged shard(s) ({listing}); rerun the same command "
+                               "with --repair to recompute them")  # fmt: skip
+        for name in problems:
+            log.warning("repair: recomputing %s (%s)", name, problems[name])
+            commits.pop(name, None)
+        _remove_leftovers(directory, set(commits))
+        write_manifest(directory, meta, plan, commits, complete=False)
+    except BaseException:
+        lock.release()
+        raise
+    return commits, lock
+
+
+def _remove_leftovers(directory: Path, committed: set[str]) -> None:
+    """Temporary files of a killed run, and shard files without a commit (they are recomputed)."""
+    for path in directory.iterdir():
+        match = _SHARD_FILE.match(path.name)
+        if _TMP_FILE.match(path.name) or (match and match.group(1) not in committed):
+            path.unlink()
+
+
+def write_manifest(directory: Path, meta: dict[str, Any], plan: list[list[int]],
+                   commits: dict[str, dict[str, Any]], complete: bool) -> None:
+    """manifest.json: the settings, the progress and the finished shards (one line each)."""
+    from attattr_fast import __version__
+
+    shards = [commits[name] for name in sorted(commits)]
+    head = {"format": FORMAT, "format_version": FORMAT_VERSION, "version": __version__, **meta,
+            "n_examples": sum(len(p) for p in plan), "n_shards": len(plan),
+            "n_done": sum(int(e["n"]) for e in shards), "complete": complete}  # fmt: skip
+    # One line per shard keeps a long index list from spreading over thousands of lines.
+    body = ",\n".join("    " + json.dumps(e, ensure_ascii=False, separators=(",", ":")) for e in shards)
+    text = json.dumps(head, indent=2, ensure_ascii=False)[:-2] + ',\n  "shards": [\n' + body + "\n  ]\n}\n"
+    atomic_write_bytes(directory / MANIFEST, text.encode("utf-8"))
+
+
 class ResultsWriter:
-    """Writes records in shards of `shard_size` examples; `close()` marks the run complete."""
+    """Writes records you computed yourself in shards of `shard_size` examples; `close()` marks the run complete.
+
+    `attattr-fast attribute` uses the resumable `corpus.run_corpus` instead; this writer is for one-shot use.
+    """
 
     def __init__(self, directory: str | Path, meta: dict[str, Any], shard_size: int = 256,
                  store_dtype: torch.dtype = torch.float32):
         self.dir = Path(directory)
-        if self.dir.exists() and any(self.dir.iterdir()):
+        if self.dir.exists() and (not self.dir.is_dir() or any(self.dir.iterdir())):
             raise AttAttrError(f"output directory {self.dir} exists and is not empty")
         self.dir.mkdir(parents=True, exist_ok=True)
         self.meta = dict(meta)
         self.shard_size = shard_size
         self.store_dtype = store_dtype
-        self.shards: list[dict[str, Any]] = []
+        self.commits: dict[str, dict[str, Any]] = {}
+        self.plan: list[list[int]] = []
         self.pending: list[Record] = []
         self.n_written = 0
-        self._write_manifest(complete=False)
+        write_manifest(self.dir, self.meta, self.plan, self.commits, complete=False)
 
     def add(self, record: Record) -> None:
         self.pending.append(record)
@@ -95,53 +370,25 @@ class ResultsWriter:
     def flush(self) -> None:
         if not self.pending:
             return
-        from safetensors.torch import save
-
-        name = f"shard-{len(self.shards):05d}"
-        tensors: dict[str, Tensor] = {}
-        lines = []
-        for r in self.pending:
-            for field in TENSOR_FIELDS:
-                value = getattr(r, field)
-                if value is None:
-                    continue
-                if value.is_floating_point() and field in ("attributions", "attention", "layer_attr"):
-                    value = value.to(self.store_dtype)
-                tensors[f"{r.index}/{field}"] = value.contiguous().cpu()
-            meta = {k: getattr(r, k) for k in ("index", "tokens", "text", "text_pair", "label", "target",
-                                              "target_label", "prob", "layers")}  # fmt: skip
-            lines.append(json.dumps(meta, ensure_ascii=False))
-        tensor_path = self.dir / f"{name}.safetensors"
-        meta_path = self.dir / f"{name}.jsonl"
-        atomic_write_bytes(tensor_path, save(tensors))
-        atomic_write_bytes(meta_path, ("\n".join(lines) + "\n").encode("utf-8"))
-        self.shards.append({
-            "name": name,
-            "indices": [r.index for r in self.pending],
-            "sha256": {tensor_path.name: sha256_file(tensor_path), meta_path.name: sha256_file(meta_path)},
-        })  # fmt: skip
+        name = shard_name(len(self.plan))
+        self.commits[name] = write_shard(self.dir, name, self.pending, self.store_dtype)
+        self.plan.append([r.index for r in self.pending])
         self.n_written += len(self.pending)
         self.pending = []
-        self._write_manifest(complete=False)
+        write_manifest(self.dir, self.meta, self.plan, self.commits, complete=False)
 
     def close(self) -> None:
         self.flush()
-        self._write_manifest(complete=True)
-
-    def _write_manifest(self, complete: bool) -> None:
-        from attattr_fast import __version__
-
-        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "version": __version__, **self.meta,
-                    "n_examples": self.n_written, "complete": complete, "shards": self.shards}  # fmt: skip
-        atomic_write_bytes(self.dir / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
+        write_manifest(self.dir, self.meta, self.plan, self.commits, complete=True)
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:
-    path = Path(directory) / "manifest.json"
+    """The parsed manifest.json of a results directory (AttAttrError if absent or not one)."""
+    path = Path(directory) / MANIFEST
     if not Path(directory).is_dir():
         raise AttAttrError(f"results directory not found: {directory}")
     if not path.is_file():
-        raise AttAttrError(f"{directory} is not a results directory (no manifest.json)")
+        raise AttAttrError(f"{directory} is not a results directory (no {MANIFEST})")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -152,61 +399,110 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
 
 
 class Results(Sequence):
-    """The records of a results directory in input order; shards are read when first touched."""
+    """The records of a results directory in input order (len, indexing, slicing, iteration), read lazily.
 
-    def __init__(self, directory: str | Path):
+    Only the touched records are read: their tensors through a memory map of the shard, their metadata by
+    seeking to their line. A few shards stay open. In an incomplete run (`complete` False) position i is the
+    i-th finished example, whose input position is `record.index`.
+    """
+
+    OPEN_SHARDS = 8
+
+    def __init__(self, directory: str | Path, verify: bool = True):
         self.dir = Path(directory)
         self.manifest = read_manifest(self.dir)
+        if self.manifest.get("format_version") != FORMAT_VERSION:
+            raise AttAttrError(f"{self.dir} is in results format {self.manifest.get('format_version')}; "
+                               f"this version reads format {FORMAT_VERSION}")  # fmt: skip
+        self.verify = verify
         self._where: dict[int, tuple[int, int]] = {}
         for s, shard in enumerate(self.manifest["shards"]):
             for pos, index in enumerate(shard["indices"]):
                 self._where[int(index)] = (s, pos)
-        self._order = sorted(self._where)
-        self._cache: tuple[int, list[Record]] | None = None
+        self.indices = sorted(self._where)
+        self._open: OrderedDict[int, tuple[Any, BinaryIO]] = OrderedDict()
+        self._keys: dict[int, set[str]] = {}  # tensor names of each open shard
+        self._verified: set[int] = set()
+        if not self.complete:
+            log.warning("%s: incomplete run, %d of %d examples present", self.dir, len(self),
+                        self.manifest.get("n_examples", len(self)))
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest.get("complete"))
 
     def __len__(self) -> int:
-        return len(self._order)
+        return len(self.indices)
 
-    def __getitem__(self, i: int) -> Record:  # type: ignore[override]
+    def __getitem__(self, i):  # type: ignore[override]
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         if i < 0:
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError(i)
-        s, pos = self._where[self._order[i]]
-        return self._shard(s)[pos]
+        index = self.indices[i]
+        s, pos = self._where[index]
+        tensors, lines = self._shard(s)
+        lines.seek(self.manifest["shards"][s]["offsets"][pos])
+        meta = json.loads(lines.readline())
+        fields = {}
+        keys = self._keys[s]
+        for field in TENSOR_FIELDS:
+            key = f"{index}/{field}"
+            value = tensors.get_tensor(key) if key in keys else None
+            if value is not None and value.is_floating_point():
+                shift = int(tensors.get_tensor(key + SHIFT)[0]) if key + SHIFT in keys else 0
+                value = decode_wide(value, shift)
+            fields[field] = value
+        return Record(**meta, **fields)
 
     def __iter__(self) -> Iterator[Record]:
         for i in range(len(self)):
             yield self[i]
 
-    def _shard(self, s: int) -> list[Record]:
-        if self._cache is not None and self._cache[0] == s:
-            return self._cache[1]
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+    def close(self) -> None:
+        for _, lines in self._open.values():
+            lines.close()
+        self._open.clear()
 
-        name = self.manifest["shards"][s]["name"]
-        tensor_path, meta_path = self.dir / f"{name}.safetensors", self.dir / f"{name}.jsonl"
-        for p in (tensor_path, meta_path):
-            if not p.is_file():
-                raise AttAttrError(f"shard file missing: {p}")
+    def _shard(self, s: int) -> tuple[Any, BinaryIO]:
+        if s in self._open:
+            self._open.move_to_end(s)
+            return self._open[s]
+        from safetensors import SafetensorError, safe_open
+
+        entry = self.manifest["shards"][s]
+        name = entry["name"]
+        if self.verify and s not in self._verified:
+            problem = shard_problem(self.dir, entry)
+            if problem:
+                raise AttAttrError(f"shard {name} of {self.dir} is damaged ({problem}); rerun the attribute command "
+                                   "that wrote it, with --repair, to recompute it")  # fmt: skip
+            self._verified.add(s)
         try:
-            tensors = load_file(str(tensor_path))
-            metas = [json.loads(line) for line in meta_path.read_text(encoding="utf-8").splitlines() if line]
-        except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
-            raise AttAttrError(f"shard {name} in {self.dir} is corrupt ({exc})") from None
-        records = []
-        for meta in metas:
-            fields = {f: (tensors[f"{meta['index']}/{f}"].float() if f"{meta['index']}/{f}" in tensors and
-                          tensors[f"{meta['index']}/{f}"].is_floating_point() else tensors.get(f"{meta['index']}/{f}"))
-                      for f in TENSOR_FIELDS}  # fmt: skip
-            records.append(Record(**meta, **fields))
-        self._cache = (s, records)
-        return records
+            tensors = safe_open(str(self.dir / f"{name}.safetensors"), framework="pt")
+            lines = open(self.dir / f"{name}.jsonl", "rb")
+        except (SafetensorError, OSError) as exc:
+            raise AttAttrError(f"shard {name} of {self.dir} cannot be read ({exc}); rerun the attribute command "
+                               "that wrote it, with --repair, to recompute it") from None
+        self._keys[s] = set(tensors.keys())
+        self._open[s] = (tensors, lines)
+        if len(self._open) > self.OPEN_SHARDS:
+            old, (_, old_lines) = self._open.popitem(last=False)
+            old_lines.close()
+            self._keys.pop(old, None)
+        return tensors, lines
 
 
-def load_results(directory: str | Path) -> Results:
-    """The records of a results directory, in input order (len, indexing, iteration)."""
-    return Results(directory)
+def load_results(directory: str | Path, verify: bool = True) -> Results:
+    """The records of a results directory, in input order (len, indexing, iteration), read lazily.
+
+    Args:
+        directory: a directory written by `attattr-fast attribute --out` (or `ResultsWriter`).
+        verify: check each shard's sha256 the first time one of its records is read.
+
+    Returns:
+        Results: a sequence of `Record`; tensors float32 whatever the stored dtype.
+    """
+    return Results(directory, verify=verify)

@@ -1,41 +1,80 @@
-"""`attattr-fast attribute`: attribute texts or a file of examples and write a results directory."""
+"""`attattr-fast attribute`: attribute texts or a file of examples and write a resumable results directory.
+
+With --out the run is resumable: the same command on the same directory continues where it stopped. Under
+`torchrun --nproc_per_node=N` every process takes its share of the shards (see `attattr_fast.distributed`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
+import re
 import sys
 from pathlib import Path
 
 from attattr_fast.cli import common
 from attattr_fast.errors import AttAttrError
 
+STORE_DTYPES = ("float32", "float16")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1 << 10, "m": 1e6, "mb": 1e6, "mib": 1 << 20,
+          "g": 1e9, "gb": 1e9, "gib": 1 << 30, "t": 1e12, "tb": 1e12, "tib": 1 << 40}  # fmt: skip
+
 
 def register(sub) -> None:
     p = sub.add_parser("attribute", help="attribute texts or an input file; write a results directory",
-                       description="Self-attention attribution of every target layer of each example.")
+                       description="Self-attention attribution of every target layer of each example. With --out "
+                                   "the run is resumable: rerun the same command to continue it. Under torchrun "
+                                   "each process takes a share of the examples.")  # fmt: skip
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", action="append", help="a text to attribute (repeatable)")
     source.add_argument("--input", help="TSV (with header), CSV or JSONL with columns text[, text_pair][, label]")
     p.add_argument("--text-pair", action="append", help="second segment for each --text (sentence pairs)")
     common.add_model_options(p)
     common.add_attribution_options(p)
+    # A corpus run sizes its engine calls from the memory budget; --batch-size only caps them.
+    p.set_defaults(batch_size="auto")
+    p._option_string_actions["--batch-size"].help = "most examples per engine call (default auto: the memory budget)"
     p.add_argument("--output", default="full", choices=("full", "reduced"),
                    help="full: keep [L, H, n, n] attributions and attention; reduced: head maxima, layer sums, top-k")
     p.add_argument("--target", default="predicted", help="predicted (default), gold, or a label name")
-    p.add_argument("--top", default="3", help="strongest interactions to print per layer (default 3)")
-    p.add_argument("--out", default=None, help="results directory to write (must be new or empty)")
+    p.add_argument("--top", default="3", help="strongest interactions per layer to keep and print (default 3)")
+    p.add_argument("--out", default=None,
+                   help="results directory: new or empty, or the directory of an interrupted run of this command")
+    p.add_argument("--shard-size", default="256", help="examples per shard file (default 256)")
+    p.add_argument("--store-dtype", default="float32", choices=STORE_DTYPES,
+                   help="dtype of the stored attributions, attention and layer sums (float16 halves them)")
+    p.add_argument("--memory-budget", default="auto",
+                   help="memory for one engine call's rows, e.g. 2GiB (default: half the free GPU memory, 1GiB on CPU)")
+    p.add_argument("--repair", action="store_true", help="recompute damaged or missing shards of --out")
     p.add_argument("--no-truncate", action="store_true", help="refuse texts longer than the model takes")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--quiet", action="store_true", help="print nothing per example")
     p.set_defaults(func=run)
+
+
+def parse_size(value: str, name: str) -> int | None:
+    """'auto' → None; '2GiB', '512MiB', '1.5G' or a plain byte count → bytes."""
+    if value.strip().lower() == "auto":
+        return None
+    match = _SIZE.match(value)
+    unit = (match.group(2) or "").lower() if match else None
+    if unit not in _UNITS:
+        raise AttAttrError(f"{name}: cannot parse {value!r}; use e.g. 512MiB, 2GiB or auto")
+    size = int(float(match.group(1)) * _UNITS[unit])
+    if size < 1:
+        raise AttAttrError(f"{name} must be positive, got {value!r}")
+    return size
 
 
 def _examples(args):
     from attattr_fast.datasets import Example, read_examples
 
     if args.input is not None:
-        return read_examples(args.input), {"path": str(Path(args.input).resolve()),
-                                           "sha256": hashlib.sha256(Path(args.input).read_bytes()).hexdigest()}
+        path = Path(args.input)
+        examples = read_examples(path)
+        return examples, {"path": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
     pairs = args.text_pair or []
     if pairs and len(pairs) != len(args.text):
         raise AttAttrError("give one --text-pair per --text")
@@ -43,48 +82,74 @@ def _examples(args):
     for i, e in enumerate(examples):
         if not e.text.strip():
             raise AttAttrError(f"--text {i + 1} is empty")
-    return examples, {"texts": len(examples)}
+    texts = json.dumps([[e.text, e.text_pair] for e in examples], ensure_ascii=False).encode("utf-8")
+    return examples, {"texts": len(examples), "sha256": hashlib.sha256(texts).hexdigest()}
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from attattr_fast import corpus as corpora
+    from attattr_fast import distributed
     from attattr_fast.api import AttentionAttribution
-    from attattr_fast.corpus import attribute_corpus, prepare, resolve_targets
-    from attattr_fast.results import ResultsWriter
 
     n_steps = common.parse_positive_int(args.steps, "--steps")
     method = common.parse_method(args.method)
     dtype = common.parse_dtype(args.dtype)
-    batch_size = common.parse_positive_int(args.batch_size, "--batch-size")
+    batch_size = None if args.batch_size == "auto" else common.parse_positive_int(args.batch_size, "--batch-size")
     top = common.parse_positive_int(args.top, "--top")
+    shard_size = common.parse_positive_int(args.shard_size, "--shard-size")
+    budget = parse_size(args.memory_budget, "--memory-budget")
+    store_dtype = {"float32": torch.float32, "float16": torch.float16}[args.store_dtype]
     device = common.parse_device(args.device)
+    if args.repair and args.out is None:
+        raise AttAttrError("--repair needs --out, the results directory to repair")
     examples, source = _examples(args)
-    if args.out is not None and Path(args.out).exists() and (not Path(args.out).is_dir() or any(Path(args.out).iterdir())):
-        raise AttAttrError(f"--out {args.out} exists and is not an empty directory")
-    model, tokenizer = common.load_model(args.model, device)
-    aa = AttentionAttribution(model)
-    layers = common.parse_layers(args.layers, aa.adapter.n_layers)
-    corpus = prepare(aa, tokenizer, examples, truncate=not args.no_truncate)
-    targets = resolve_targets(args.target, corpus, aa)
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise AttAttrError(f"--out {args.out} exists and is not a directory")
 
-    writer = None
-    if args.out is not None:
-        writer = ResultsWriter(args.out, {
-            "model": args.model or "builtin:minilm-sentiment", "method": method, "n_steps": n_steps,
-            "dtype": args.dtype, "layers": layers if layers is not None else list(range(aa.adapter.n_layers)),
-            "output": args.output, "target": args.target, "input": source,
+    dist = distributed.from_environment(device.type)
+    try:
+        if dist.world_size > 1 and args.out is None:
+            raise AttAttrError("several processes need --out: each writes its share of the shards there")
+        if dist.world_size > 1 and device.type == "cuda":
+            device = torch.device("cuda", dist.local_rank)  # one GPU per process
+        model, tokenizer = common.load_model(args.model, device)
+        aa = AttentionAttribution(model)
+        layers = common.parse_layers(args.layers, aa.adapter.n_layers)
+        corpus = corpora.prepare(aa, tokenizer, examples, truncate=not args.no_truncate)
+        targets = corpora.resolve_targets(args.target, corpus, aa)
+        options = dict(layers=layers, n_steps=n_steps, method=method, output=args.output, dtype=dtype)
+        show = None if args.quiet else (lambda records: [print_record(r, top) for r in records])
+        progress = not args.no_progress
+
+        if args.out is None:
+            records = corpora.attribute_corpus(aa, corpus, targets, batch_size=batch_size, top_k=top,
+                                               progress=progress, memory_budget=budget, **options)  # fmt: skip
+            for record in records:
+                if show is not None:
+                    show([record])
+            return 0
+
+        meta = {
+            "model": corpora.describe_model(args.model or "builtin:minilm-sentiment", model),
+            "input": corpora.describe_input(source, corpus),
+            "target": args.target,
+            "truncate": not args.no_truncate,
             "labels": {str(k): v for k, v in (aa.adapter.config.id2label or {}).items()},
-        })  # fmt: skip
-    records = attribute_corpus(aa, corpus, targets, batch_size=batch_size, top_k=top, progress=True,
-                               layers=layers, n_steps=n_steps, method=method, output=args.output, dtype=dtype)
-    for record in records:
-        if writer is not None:
-            writer.add(record)
-        if not args.quiet:
-            print_record(record, top)
-    if writer is not None:
-        writer.close()
-        print(f"wrote {writer.n_written} examples to {args.out}", file=sys.stderr)
-    return 0
+            "processes": dist.world_size,
+        }
+        stats = corpora.run_corpus(aa, corpus, targets, args.out, meta, shard_size=shard_size,
+                                   store_dtype=store_dtype, top_k=top, repair=args.repair, progress=progress,
+                                   batch_size=batch_size, memory_budget=budget, dist=dist, on_records=show,
+                                   **options)  # fmt: skip
+        if dist.is_main:
+            print(stats.summary(), file=sys.stderr)
+            print(f"results in {args.out} ({stats.skipped + stats.examples} of {stats.total} examples)",
+                  file=sys.stderr)
+        return 0
+    finally:
+        dist.close()
 
 
 def print_record(record, top: int) -> None:

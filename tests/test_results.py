@@ -1,0 +1,211 @@
+"""The results format: shards, commits, manifest, the lazy reader, and the checks a resume relies on."""
+
+import json
+import logging
+import random
+
+import pytest
+import torch
+
+from attattr_fast import load_results
+from attattr_fast.errors import AttAttrError
+from attattr_fast.results import (
+    COMMIT_SUFFIX,
+    Record,
+    Results,
+    ResultsWriter,
+    open_run_directory,
+    read_manifest,
+    shard_name,
+    write_shard,
+)
+
+
+def make_record(index: int, n: int, full: bool = True, layers=(0, 2), heads: int = 3, k: int = 2) -> Record:
+    g = torch.Generator().manual_seed(index)
+    L = len(layers)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g)
+
+    return Record(
+        index=index, tokens=[f"t{index}_{i}" for i in range(n)], text=f"text {index} ü", text_pair=None,
+        label=random.Random(index).choice(["negative", "positive", None]), target=index % 2,
+        target_label=["negative", "positive"][index % 2], prob=float(torch.rand(1, generator=g)), layers=list(layers),
+        head_max=rand(L, heads), head_argmax=torch.randint(0, n, (L, heads, 2), generator=g), layer_attr=rand(L, n, n),
+        delta=rand(L), attributions=rand(L, heads, n, n) if full else None, attention=rand(L, heads, n, n) if full
+        else None, top_query=torch.randint(-1, n, (L, k), generator=g), top_key=torch.randint(-1, n, (L, k),
+        generator=g), top_score=rand(L, k),
+    )  # fmt: skip
+
+
+def within_float16(got, want) -> bool:
+    """What float16 with a power-of-two scale keeps: 11 significant bits of every value not far below the max."""
+    bound = want.abs() * 2**-11 + want.abs().max() * 2**-24
+    return bool(((got - want).abs() <= bound).all())
+
+
+def assert_record_equal(a: Record, b: Record, wide=torch.equal):
+    for name in ("index", "tokens", "text", "text_pair", "label", "target", "target_label", "prob", "layers"):
+        assert getattr(a, name) == getattr(b, name), name
+    for name in ("head_max", "head_argmax", "delta", "top_query", "top_key", "top_score"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    for name in ("layer_attr", "attributions", "attention"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None) == (y is None), name
+        if x is not None:
+            assert x.dtype == torch.float32 and wide(x, y), name
+
+
+META = {"model": {"name": "m", "sha256": "aa"}, "input": {"sha256": "bb", "n_examples": 10}, "method": "riemann_right",
+        "n_steps": 3, "layers": [0, 2], "output": "full"}  # fmt: skip
+
+
+def test_writer_round_trip_in_input_order(tmp_path):
+    records = [make_record(i, n=2 + (7 * i) % 9) for i in range(10)]
+    writer = ResultsWriter(tmp_path / "res", META, shard_size=3)
+    for r in sorted(records, key=lambda r: len(r.tokens)):  # written by length, as a corpus run does
+        writer.add(r)
+    writer.close()
+    res = load_results(tmp_path / "res")
+    assert len(res) == 10 and res.complete and res.indices == list(range(10))
+    for got, want in zip(res, records):
+        assert_record_equal(got, want)
+    assert_record_equal(res[-1], records[-1])
+    assert [r.index for r in res[2:5]] == [2, 3, 4]
+    with pytest.raises(IndexError):
+        res[10]
+    manifest = read_manifest(tmp_path / "res")
+    assert manifest["n_shards"] == 4 and manifest["n_done"] == 10 and manifest["method"] == "riemann_right"
+
+
+def test_float16_store_and_reduced_records(tmp_path):
+    records = [make_record(i, n=16, full=i % 2 == 0) for i in range(4)]
+    tiny = records[2]  # attributions of a confident prediction: far below float16's smallest normal (6e-5)
+    tiny.attributions, tiny.layer_attr = tiny.attributions * 1e-7, tiny.layer_attr * 3e-9
+    assert not within_float16(tiny.attributions.half().float(), tiny.attributions)  # a plain cast loses them
+    for dtype, name in ((torch.float32, "f32"), (torch.float16, "f16")):
+        writer = ResultsWriter(tmp_path / name, META, store_dtype=dtype)
+        for r in records:
+            writer.add(r)
+        writer.close()
+    f32, f16 = load_results(tmp_path / "f32"), load_results(tmp_path / "f16")
+    for a, b, want in zip(f32, f16, records):
+        assert_record_equal(a, want)
+        assert_record_equal(b, want, wide=within_float16)
+    assert f16[1].attributions is None and f16[1].attention is None and f16[1].layer_attr is not None
+    size = {n: (tmp_path / n / "shard-00000.safetensors").stat().st_size for n in ("f32", "f16")}
+    assert size["f16"] < 0.6 * size["f32"]
+
+
+def test_reader_is_lazy_and_checks_only_the_shards_it_touches(tmp_path, monkeypatch):
+    records = [make_record(i, n=4) for i in range(12)]
+    writer = ResultsWriter(tmp_path / "res", META, shard_size=2)
+    for r in records:
+        writer.add(r)
+    writer.close()
+    damaged = tmp_path / "res" / "shard-00004.safetensors"
+    data = bytearray(damaged.read_bytes())
+    data[-1] ^= 1
+    damaged.write_bytes(bytes(data))
+    monkeypatch.setattr(Results, "OPEN_SHARDS", 2)
+    res = load_results(tmp_path / "res")
+    assert not res._open  # nothing read yet
+    assert_record_equal(res[1], records[1])
+    assert list(res._open) == [0]
+    for i in (2, 4, 6, 0):
+        assert_record_equal(res[i], records[i])
+    assert len(res._open) == 2  # the least recently used shards were closed
+    with pytest.raises(AttAttrError, match=r"shard shard-00004 of .* is damaged \(shard-00004.safetensors does not "
+                                           r"match its sha256\); rerun .* --repair"):  # fmt: skip
+        res[8]
+    assert load_results(tmp_path / "res", verify=False)[8].index == 8  # the damage is in a tensor value
+
+
+def test_commit_lists_offsets_sizes_and_checksums(tmp_path):
+    import hashlib
+
+    records = [make_record(i, n=3 + i) for i in (5, 2, 9)]
+    commit = write_shard(tmp_path, "shard-00000", records, rank=1)
+    assert json.loads((tmp_path / f"shard-00000{COMMIT_SUFFIX}").read_text()) == commit
+    assert commit["indices"] == [5, 2, 9] and commit["rank"] == 1 and commit["n"] == 3
+    lines = (tmp_path / "shard-00000.jsonl").read_bytes()
+    for offset, r in zip(commit["offsets"], records):
+        assert json.loads(lines[offset:].split(b"\n", 1)[0])["index"] == r.index
+    for fname, digest in commit["sha256"].items():
+        data = (tmp_path / fname).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == digest and len(data) == commit["bytes"][fname]
+
+
+PLAN = [[0, 1], [2, 3], [4]]
+
+
+def test_open_run_directory_new_resume_and_refusals(tmp_path):
+    out = tmp_path / "res"
+    commits, lock = open_run_directory(out, META, PLAN)
+    assert commits == {} and read_manifest(out)["complete"] is False
+    with pytest.raises(AttAttrError, match="in use by another run"):
+        open_run_directory(out, META, PLAN)
+    write_shard(out, "shard-00001", [make_record(i, 4) for i in PLAN[1]])
+    lock.release()
+    # a killed run's leftovers: a temporary file and the data of a shard without a commit
+    (out / ".shard-00000.jsonl.tmp-123").write_bytes(b"partial")
+    write_shard(out, "shard-00002", [make_record(4, 4)])
+    (out / f"shard-00002{COMMIT_SUFFIX}").unlink()
+    commits, lock = open_run_directory(out, META, PLAN)
+    lock.release()
+    assert sorted(commits) == ["shard-00001"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "manifest.json", "shard-00001.commit.json",
+                                                     "shard-00001.jsonl", "shard-00001.safetensors"]  # fmt: skip
+    other = {**META, "n_steps": 20, "model": {"name": "m2", "sha256": "cc"}}
+    with pytest.raises(AttAttrError) as err:
+        open_run_directory(out, other, PLAN)
+    assert str(err.value).count("\n") == 0
+    assert "model: m (weights sha256 aa) there, m2 (weights sha256 cc) now; n_steps: 3 there, 20 now" in str(err.value)
+    with pytest.raises(AttAttrError, match="holds other examples than this run plans"):
+        open_run_directory(out, META, [[0, 1], [3, 2], [4]])
+
+
+def test_damaged_shard_refused_then_repaired(tmp_path, caplog):
+    out = tmp_path / "res"
+    _, lock = open_run_directory(out, META, PLAN)
+    for p, indices in enumerate(PLAN):
+        write_shard(out, shard_name(p), [make_record(i, 4) for i in indices])
+    lock.release()
+    (out / "shard-00000.jsonl").write_text("{}\n")
+    with pytest.raises(AttAttrError, match=r"1 damaged shard\(s\) \(shard-00000: shard-00000.jsonl has 3 bytes, "
+                                           r"its commit says \d+\); rerun the same command with --repair"):  # fmt: skip
+        open_run_directory(out, META, PLAN)
+    assert (out / "shard-00000.safetensors").exists()  # refusing changes nothing
+    with caplog.at_level(logging.WARNING):
+        commits, lock = open_run_directory(out, META, PLAN, repair=True)
+    lock.release()
+    assert sorted(commits) == ["shard-00001", "shard-00002"] and "recomputing shard-00000" in caplog.text
+    assert not list(out.glob("shard-00000*"))
+
+
+def test_incomplete_directory_reads_what_is_there(tmp_path, caplog):
+    out = tmp_path / "res"
+    _, lock = open_run_directory(out, META, PLAN)
+    commit = write_shard(out, "shard-00001", [make_record(i, 4) for i in PLAN[1]])
+    from attattr_fast.results import write_manifest
+
+    write_manifest(out, META, PLAN, {"shard-00001": commit}, complete=False)
+    lock.release()
+    with caplog.at_level(logging.WARNING):
+        res = load_results(out)
+    assert "incomplete run, 2 of 5 examples present" in caplog.text
+    assert not res.complete and [r.index for r in res] == [2, 3]
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda d: None, "results directory not found"),
+    (lambda d: d.mkdir(), "is not a results directory (no manifest.json)"),
+    (lambda d: (d.mkdir(), (d / "manifest.json").write_text("{not json")), "is corrupt (not valid JSON)"),
+    (lambda d: (d.mkdir(), (d / "manifest.json").write_text('{"a": 1}')), "is not an attattr-fast manifest"),
+])  # fmt: skip
+def test_load_results_errors(tmp_path, setup, message):
+    setup(tmp_path / "res")
+    with pytest.raises(AttAttrError) as err:
+        load_results(tmp_path / "res")
+    assert message in str(err.value)
