@@ -159,7 +159,9 @@ def load_classifier(name_or_path: str | os.PathLike | None = None, num_labels: i
     kwargs = {} if num_labels is None else {"num_labels": num_labels}
     pruned = getattr(config, KEPT_HEADS_CONFIG_KEY, None) is not None
     if pruned and num_labels is not None and num_labels != config.num_labels:
-        raise AttAttrError(f"{name!r} is a pruned classifier with {config.num_labels} classes; it cannot take a new head")
+        raise AttAttrError(
+            f"{name!r} is a pruned classifier with {config.num_labels} classes; it cannot take a new head"
+        )
     try:
         if pruned:  # Linear shapes differ from the config's: rebuilt from the recorded kept heads
             from attattr_fast.pruning import load_pruned
@@ -180,16 +182,19 @@ def load_classifier(name_or_path: str | os.PathLike | None = None, num_labels: i
     return LoadedClassifier(model.eval(), tokenizer)
 
 
-def save_classifier(model: torch.nn.Module, tokenizer, path: str | os.PathLike) -> Path:
-    """`save_pretrained` of the model and tokenizer into a new directory, atomically: written under a
-    temporary name beside it, then renamed, so an interrupted save leaves nothing at `path`."""
+def save_classifier(model: torch.nn.Module, tokenizer, path: str | os.PathLike,
+                    extra_files: dict[str, str] | None = None) -> Path:
+    """`save_pretrained` of the model and tokenizer (plus `extra_files`, name → text) into a new
+    directory, atomically: written under a temporary name beside it, then renamed, so an interrupted
+    save leaves nothing at `path`."""
     import shutil
     import tempfile
 
     path = Path(path)
     if isinstance(model, ZeroShotSentimentClassifier) or not hasattr(model, "save_pretrained"):
         raise AttAttrError(
-            f"{type(model).__name__} has no save format; save a transformers classifier (e.g. from `attattr-fast finetune`)"
+            f"{type(model).__name__} has no save format; "
+            "save a transformers classifier (e.g. from `attattr-fast finetune`)"
         )
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise AttAttrError(f"{path} exists and is not an empty directory")
@@ -199,6 +204,8 @@ def save_classifier(model: torch.nn.Module, tokenizer, path: str | os.PathLike) 
         tmp.chmod(0o755)  # mkdtemp makes it private; the saved model should read like any other directory
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
         if path.exists():
             path.rmdir()
         tmp.rename(path)

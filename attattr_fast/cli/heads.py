@@ -1,0 +1,162 @@
+"""`attattr-fast heads`: head importance (AttAttr, Taylor, accuracy drop, attention) to JSON and PNG,
+and the correlation of importance between two data sets (the paper's Figure 6)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from attattr_fast.cli import common
+from attattr_fast.errors import AttAttrError
+
+TASK_HELP = "generic (TSV/CSV/JSONL: text[, text_pair], label) or a GLUE task: sst2, cola, mnli, rte, mrpc, qnli, qqp"
+
+
+def add_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", default=None,
+                   help="labelled examples (default: the package's 48 built-in sentiment sentences)")
+    p.add_argument("--task", default="generic", help=TASK_HELP)
+    p.add_argument("--max-examples", default=None, help="use only the first N examples of --input")
+
+
+def add_importance_options(p: argparse.ArgumentParser, default_kinds: str) -> None:
+    p.add_argument("--kinds", default=default_kinds, help="comma-separated: attattr, taylor, accuracy, attention")
+    p.add_argument("--steps", default="20", help="quadrature steps of attattr (default 20)")
+    p.add_argument("--method", default="riemann_right", help="quadrature rule of attattr (default riemann_right)")
+    p.add_argument("--normalize", default="none", choices=("none", "layer"),
+                   help="layer: divide each layer's scores by their L2 norm (Michel et al.)")
+    p.add_argument("--batch-size", default="16", help="examples per forward (default 16)")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("heads", help="head importance scores (JSON, heat-map PNG, cross-data correlation)",
+                       description="Importance of every attention head: mean AttAttr head maximum with gold "
+                                   "labels (Eq. 5), Taylor |dloss/dgate|, accuracy drop, or max attention.")
+    common.add_model_options(p)
+    add_data_options(p)
+    add_importance_options(p, "attattr,taylor,accuracy,attention")
+    p.add_argument("--compare-input", default=None, help="a second labelled file: report Pearson r per kind")
+    p.add_argument("--compare-task", default=None, help="task of --compare-input (default: --task)")
+    p.add_argument("--out", default=None, help="JSON file for the scores")
+    p.add_argument("--plot", default=None, help="PNG of the [layer, head] heat maps")
+    p.add_argument("--scatter", default=None, help="PNG scatter of --input against --compare-input (first kind)")
+    p.set_defaults(func=run)
+
+
+def parse_kinds(value: str) -> list[str]:
+    from attattr_fast.heads import KINDS
+
+    kinds = [k.strip() for k in value.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in KINDS]
+    if not kinds or bad:
+        raise AttAttrError(f"--kinds: unknown kind {bad[0] if bad else value!r}; choose from {', '.join(KINDS)}")
+    if len(set(kinds)) != len(kinds):
+        raise AttAttrError(f"--kinds: duplicates in {value!r}")
+    return kinds
+
+
+def check_output_path(value: str | None, option: str) -> Path | None:
+    """The parent directory must exist; checked before any work so that nothing runs for nothing."""
+    if value is None:
+        return None
+    path = Path(value)
+    if path.is_dir():
+        raise AttAttrError(f"{option} {value} is a directory")
+    if not path.parent.is_dir():
+        raise AttAttrError(f"{option}: directory {path.parent} does not exist")
+    return path
+
+
+def load_labelled(path: str | None, task: str, model, tokenizer, max_examples: int | None = None):
+    """(LabelledInputs, description) of a labelled file, or of the built-in sentences when `path` is None."""
+    from attattr_fast.adapters import adapter_for
+    from attattr_fast.datasets import builtin_sentiment_examples
+    from attattr_fast.glue import TaskData, class_indices, read_task
+    from attattr_fast.heads import encode_labelled
+    from attattr_fast.text import model_max_length
+
+    if path is None:
+        data, name = TaskData("generic", builtin_sentiment_examples(), None, None), "built-in sentiment sentences"
+    else:
+        data, name = read_task(path, task), str(path)
+    if max_examples is not None:
+        data.examples = data.examples[:max_examples]
+    labels = class_indices(data, model.config)
+    max_length = model_max_length(tokenizer, adapter_for(model).max_length)
+    return encode_labelled(tokenizer, data.examples, labels, max_length=max_length), name
+
+
+def compute_importance(model, data, kinds: list[str], args, progress: bool = True) -> dict:
+    from attattr_fast.heads import head_importance
+
+    n_steps = common.parse_positive_int(args.steps, "--steps")
+    method = common.parse_method(args.method)
+    batch_size = common.parse_positive_int(args.batch_size, "--batch-size")
+    normalize = None if args.normalize == "none" else args.normalize
+    scores = {}
+    for kind in kinds:
+        print(f"importance: {kind} on {len(data)} examples", file=sys.stderr)
+        scores[kind] = head_importance(model, data.input_ids, data.labels, data.attention_mask, data.token_type_ids,
+                                       kind=kind, n_steps=n_steps, method=method, normalize=normalize,
+                                       batch_size=batch_size, progress=progress)  # fmt: skip
+    return scores
+
+
+def print_scores(scores: dict, top: int = 5) -> None:
+    for kind, s in scores.items():
+        n_layers, n_heads = s.shape
+        print(f"{kind} importance [layer × head]:")
+        for layer in range(n_layers):
+            print(f"  L{layer:<2} " + " ".join(f"{float(v):+.3g}".rjust(9) for v in s[layer]))
+        best = s.flatten().argsort(descending=True)[:top].tolist()
+        print("  top: " + ", ".join(f"L{i // n_heads}H{i % n_heads} {float(s.flatten()[i]):+.3g}" for i in best))
+
+
+def _max_examples(value: str | None) -> int | None:
+    return None if value is None else common.parse_positive_int(value, "--max-examples")
+
+
+def run(args: argparse.Namespace) -> int:
+    from attattr_fast.heads import importance_correlation, plot_correlation, plot_importance
+    from attattr_fast.results import atomic_write_bytes
+
+    kinds = parse_kinds(args.kinds)
+    out, plot, scatter = (check_output_path(args.out, "--out"), check_output_path(args.plot, "--plot"),
+                          check_output_path(args.scatter, "--scatter"))  # fmt: skip
+    if scatter is not None and args.compare_input is None:
+        raise AttAttrError("--scatter needs --compare-input")
+    max_examples = _max_examples(args.max_examples)
+    device = common.parse_device(args.device)
+    model, tokenizer = common.load_model(args.model, device)
+    data, source = load_labelled(args.input, args.task, model, tokenizer, max_examples)
+    other = None
+    if args.compare_input is not None:
+        other, other_source = load_labelled(args.compare_input, args.compare_task or args.task, model, tokenizer,
+                                            max_examples)  # fmt: skip
+    scores = compute_importance(model, data, kinds, args)
+    print_scores(scores)
+    report = {"model": args.model or "builtin:minilm-sentiment", "input": source, "n_examples": len(data),
+              "steps": int(args.steps), "method": args.method, "normalize": args.normalize,
+              "scores": {k: v.tolist() for k, v in scores.items()}}  # fmt: skip
+    if other is not None:
+        other_scores = compute_importance(model, other, kinds, args)
+        report["compare"] = {"input": other_source, "n_examples": len(other),
+                             "scores": {k: v.tolist() for k, v in other_scores.items()},
+                             "pearson": {k: importance_correlation(scores[k], other_scores[k]) for k in kinds}}
+        for kind, r in report["compare"]["pearson"].items():
+            print(f"Pearson r ({kind}), {source} vs {other_source}: {r:.4f}")
+    if out is not None:
+        atomic_write_bytes(out, (json.dumps(report, indent=1) + "\n").encode())
+        print(f"wrote {out}", file=sys.stderr)
+    if plot is not None:
+        plot_importance(scores, plot, title=f"head importance, {len(data)} examples of {Path(source).name}")
+        print(f"wrote {plot}", file=sys.stderr)
+    if scatter is not None:
+        kind = kinds[0]
+        plot_correlation(scores[kind], other_scores[kind], scatter,
+                         names=(Path(source).name, Path(other_source).name),
+                         title=f"{kind} importance, Pearson r = {report['compare']['pearson'][kind]:.3f}")
+        print(f"wrote {scatter}", file=sys.stderr)
+    return 0

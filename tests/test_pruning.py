@@ -1,0 +1,206 @@
+"""Physical head pruning: the smaller model computes what the gated model computes, saves, loads,
+attributes like the gated model (equal head counts) and refuses attribution with a clear error otherwise."""
+
+import json
+
+import pytest
+import torch
+from test_heads import _labelled_tsv, sharpen
+
+from attattr_fast import AttentionAttribution, heads, reference
+from attattr_fast.adapters import KEPT_HEADS_CONFIG_KEY, adapter_for
+from attattr_fast.cli import main
+from attattr_fast.errors import AttAttrError, UnsupportedModelError
+from attattr_fast.models import load_classifier, save_classifier
+from attattr_fast.pruning import current_heads, parameter_count, prune_heads
+
+from conftest import padded_batch, tiny_classifier
+from tolerances import ADAPTER_ATOL, RTOL_F32
+
+UNEQUAL = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1.0]])  # layer 1 loses every head
+EQUAL = torch.tensor([[1, 0, 1, 0], [0, 1, 1, 0], [1, 1, 0, 0.0]])
+
+
+def _gated_logits(model, gates, ids, mask, types):
+    adapter = adapter_for(model)
+    adapter.head_gates = gates
+    return adapter.forward(ids, mask, types)
+
+
+def _own_logits(model, ids, mask, types):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "electra"])
+@pytest.mark.parametrize("gates", [UNEQUAL, EQUAL], ids=["unequal", "equal"])
+def test_pruned_model_equals_gated_model(family, gates):
+    model = sharpen(tiny_classifier(family))
+    ids, mask, types = padded_batch(model, [7, 5, 3, 6], pair_at=2)
+    pruned = prune_heads(model, gates)
+    difference = (_own_logits(pruned, ids, mask, types) - _gated_logits(model, gates, ids, mask, types)).abs().max()
+    assert difference <= ADAPTER_ATOL
+    assert (_own_logits(model, ids, mask, types) - _own_logits(pruned, ids, mask, types)).abs().max() > 1e-2
+    # per removed head: its d rows (weights and biases) of Q, K, V and its d columns of the output projection
+    d, hidden = model.config.hidden_size // 4, model.config.hidden_size
+    removed = int((gates == 0).sum())
+    assert parameter_count(model) - parameter_count(pruned) == removed * (3 * (hidden * d + d) + hidden * d)
+    assert current_heads(pruned) == [[0, 2], [], [0, 1, 2, 3]] if gates is UNEQUAL else [[0, 2], [1, 2], [0, 1]]
+    assert current_heads(model) == [[0, 1, 2, 3]] * 3  # the original is untouched
+
+
+def test_pruning_twice_composes(tiny_model_dir):
+    model = sharpen(load_classifier(tiny_model_dir).model)
+    ids, mask, types = padded_batch(model, [6, 4])
+    once = prune_heads(model, [[0, 1, 3], [1, 2, 3], [0, 1, 2, 3]])
+    twice = prune_heads(once, [[0, 2], [0], [3]])  # positions among the heads each layer has now
+    assert current_heads(twice) == [[0, 3], [1], [3]]
+    combined = torch.zeros(3, 4)
+    combined[0, [0, 3]] = combined[1, 1] = combined[2, 3] = 1
+    difference = (_own_logits(twice, ids, mask, types) - _gated_logits(model, combined, ids, mask, types)).abs().max()
+    assert difference <= ADAPTER_ATOL
+
+
+@pytest.mark.parametrize("gates", [UNEQUAL, EQUAL], ids=["unequal", "equal"])
+def test_saved_pruned_model_loads_with_load_classifier(tmp_path, tiny_model_dir, gates):
+    model, tokenizer = load_classifier(tiny_model_dir)
+    sharpen(model)
+    ids, mask, types = padded_batch(model, [7, 5, 3], pair_at=2)
+    pruned = prune_heads(model, gates)
+    path = save_classifier(pruned, tokenizer, tmp_path / "pruned")
+    assert json.loads((path / "config.json").read_text())[KEPT_HEADS_CONFIG_KEY] == current_heads(pruned)
+    loaded, _ = load_classifier(path)
+    assert parameter_count(loaded) == parameter_count(pruned)
+    difference = (_own_logits(loaded, ids, mask, types) - _gated_logits(model, gates, ids, mask, types)).abs().max()
+    assert difference <= ADAPTER_ATOL
+    if gates is UNEQUAL:
+        with pytest.raises(UnsupportedModelError, match=r"pruned to \[2, 0, 4\] heads per layer"):
+            AttentionAttribution(loaded)
+    with pytest.raises(AttAttrError, match="exists and is not an empty directory"):
+        save_classifier(pruned, tokenizer, path)
+
+
+def test_equally_pruned_model_attributes_like_the_gated_model():
+    model = sharpen(tiny_classifier("bert"))
+    ids, mask, types = padded_batch(model, [6, 4], pair_at=2)
+    pruned = prune_heads(model, EQUAL)
+    target = torch.tensor([0, 2])
+    small = AttentionAttribution(pruned).attribute(ids, mask, types, target=target, n_steps=3, backend="torch")
+    ref = reference.attribute(pruned, ids, mask, types, target=target, n_steps=3)
+    assert small.attributions.shape[2] == 2
+    assert (small.attributions - ref.attributions).abs().max() <= RTOL_F32 * ref.attributions.abs().max()
+    gated = AttentionAttribution(model)
+    gated.adapter.head_gates = EQUAL
+    full = gated.attribute(ids, mask, types, target=target, n_steps=3, backend="torch")
+    kept = torch.stack([full.attributions[:, layer, EQUAL[layer] == 1] for layer in range(3)], dim=1)
+    assert (kept - small.attributions).abs().max() <= RTOL_F32 * kept.abs().max()
+    removed = torch.stack([full.attributions[:, layer, EQUAL[layer] == 0] for layer in range(3)], dim=1)
+    assert removed.abs().max() == 0  # a gated head has no gradient, hence no attribution
+
+
+@pytest.mark.parametrize("keep, message", [
+    (torch.tensor([[1, 0.5, 1, 1]] * 3), "exactly 0"),
+    (torch.ones(2, 4), "gates have shape"),
+    ([[0, 1], [0]], "keep lists 2 layers"),
+    ([[0, 0], [1], [2]], "must be distinct"),
+    ([[4], [1], [2]], "must be distinct, in 0..3"),
+])  # fmt: skip
+def test_bad_pruning_requests(keep, message):
+    with pytest.raises(AttAttrError, match=message):
+        prune_heads(tiny_classifier("bert"), keep)
+
+
+def test_a_corrupt_kept_heads_list_is_a_clear_error(tmp_path, tiny_model_dir):
+    model, tokenizer = load_classifier(tiny_model_dir)
+    path = save_classifier(prune_heads(model, EQUAL), tokenizer, tmp_path / "pruned")
+    config = json.loads((path / "config.json").read_text())
+    config[KEPT_HEADS_CONFIG_KEY] = [[0, 1, 2], [1, 2], [0, 1]]
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(AttAttrError, match="do not match the pruned shapes"):
+        load_classifier(path)
+    config[KEPT_HEADS_CONFIG_KEY] = [[0, 9], [1, 2], [0, 1]]
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(AttAttrError, match="expected distinct indices in 0..3"):
+        load_classifier(path)
+
+
+def test_prune_cli_curves_figures_and_saved_model(capsys, tmp_path, tiny_model_dir):
+    data = _labelled_tsv(tmp_path / "data.tsv", n=16)
+    out, fig5, fig3, saved = tmp_path / "prune.json", tmp_path / "fig5.png", tmp_path / "fig3.png", tmp_path / "small"
+    code = main(["prune", "--model", str(tiny_model_dir), "--input", str(data), "--importance-examples", "8",
+                 "--kinds", "taylor,attention", "--fractions", "0,0.5,1", "--layer-plot", str(fig3),
+                 "--layer-kinds", "taylor", "--plot", str(fig5), "--json", str(out), "--fraction", "0.5",
+                 "--by", "taylor", "--save", str(saved), "--timing-repeats", "2"])  # fmt: skip
+    stdout = capsys.readouterr().out
+    assert code == 0 and "speed-up" in stdout
+    report = json.loads(out.read_text())
+    assert report["n_importance"] == 8 and report["n_eval"] == 8
+    assert fig5.read_bytes()[:4] == fig3.read_bytes()[:4] == b"\x89PNG"
+
+    from attattr_fast.cli.heads import load_labelled
+
+    model, tokenizer = load_classifier(tiny_model_dir)
+    inputs, _ = load_labelled(str(data), "generic", model, tokenizer)
+    first, rest = heads.split_indices(inputs.labels, 8, seed=0)
+    imp, ev = inputs.subset(first), inputs.subset(rest)
+    taylor = heads.head_importance(model, imp.input_ids, imp.labels, imp.attention_mask, imp.token_type_ids,
+                                   kind="taylor")  # fmt: skip
+    torch.testing.assert_close(torch.tensor(report["importance"]["taylor"]), taylor)
+    plain = _own_logits(model, ev.input_ids, ev.attention_mask, ev.token_type_ids)
+    assert report["curves"]["accuracy"]["taylor"][0] == pytest.approx((plain.argmax(-1) == ev.labels).float().mean())
+    gates = heads.gates_for_fraction(taylor, 0.5)
+    small, _ = load_classifier(saved)
+    small_logits = _own_logits(small, ev.input_ids, ev.attention_mask, ev.token_type_ids)
+    gated = _gated_logits(model, gates, ev.input_ids, ev.attention_mask, ev.token_type_ids)
+    assert (small_logits - gated).abs().max() <= ADAPTER_ATOL
+    assert report["pruned"]["heads_removed"] == 6
+    assert report["pruned"]["max_abs_logit_difference_vs_gated"] <= ADAPTER_ATOL
+    assert (saved / "pruning.json").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--fraction", "2"], "--fraction: 2 is not in [0, 1]"),
+    (["--save", "SAVE"], "--save needs --fraction"),
+    (["--by", "luck", "--fraction", "0.5"], "--by: unknown kind 'luck'"),
+    (["--fractions", "0,x"], "--fractions: 'x' is not a number"),
+    (["--importance-examples", "16"], "cannot take 16 of 16"),
+    (["--seed", "-1"], "--seed must be a non-negative integer"),
+])  # fmt: skip
+def test_prune_cli_errors_are_one_line_and_write_nothing(capsys, tmp_path, tiny_model_dir, args, message):
+    data = _labelled_tsv(tmp_path / "data.tsv", n=16)
+    save = tmp_path / "small"
+    args = [str(save) if a == "SAVE" else a for a in args]
+    out = tmp_path / "prune.json"
+    code = main(["prune", "--model", str(tiny_model_dir), "--input", str(data), "--json", str(out),
+                 "--kinds", "attention", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and not save.exists()
+
+
+def test_prune_cli_refuses_to_save_the_builtin_model_before_working(capsys, tmp_path):
+    code = main(["prune", "--fraction", "0.5", "--save", str(tmp_path / "small")])
+    err = capsys.readouterr().err
+    assert code == 2 and "built-in zero-shot model has no save format" in err
+    assert not (tmp_path / "small").exists()
+
+
+def test_prune_cli_with_a_separate_held_out_file(capsys, tmp_path, tiny_model_dir):
+    from attattr_fast.cli.heads import load_labelled
+
+    train, dev = _labelled_tsv(tmp_path / "train.tsv", n=10), _labelled_tsv(tmp_path / "dev.tsv", n=6)
+    out = tmp_path / "prune.json"
+    code = main(["prune", "--model", str(tiny_model_dir), "--input", str(train), "--eval-input", str(dev),
+                 "--importance-examples", "4", "--kinds", "attention", "--fractions", "0,1", "--json", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert (report["n_importance"], report["n_eval"]) == (4, 6)
+    model, tokenizer = load_classifier(tiny_model_dir)
+    ev, _ = load_labelled(str(dev), "generic", model, tokenizer)
+    silent = torch.zeros(3, 4)
+    for value, gates in zip(report["curves"]["accuracy"]["attention"], (torch.ones(3, 4), silent)):
+        logits = _gated_logits(model, gates, ev.input_ids, ev.attention_mask, ev.token_type_ids)
+        assert value == pytest.approx((logits.argmax(-1) == ev.labels).float().mean().item())
+    code = main(["prune", "--model", str(tiny_model_dir), "--input", str(train), "--eval-input", str(dev),
+                 "--importance-examples", "11", "--kinds", "attention"])
+    assert code == 2 and "has only 10 examples" in capsys.readouterr().err
