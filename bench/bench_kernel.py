@@ -13,6 +13,7 @@ setting) to bench/results/.
 
     python bench/bench_kernel.py                  # the settings above
     python bench/bench_kernel.py --n 512 --dtypes float32
+    python bench/bench_kernel.py --quick          # CI smoke run: one small n, 4 heads, float32
 """
 
 from __future__ import annotations
@@ -20,14 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
@@ -104,14 +105,6 @@ def time_both(torch_state, kernel_state, grad, mask, full: bool, device: str, ba
     return dict(torch_ms=torch_ms, kernel_ms=kernel_ms, speedup=torch_ms / kernel_ms, **per_example)
 
 
-def git_revision() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout
-        return rev.stdout.strip() + ("+dirty" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -121,11 +114,14 @@ def main(argv=None) -> int:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=8192, help="examples per call = max(1, tokens // n)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/...)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: n=24, 4 heads, float32 (CI)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.n, args.dtypes, args.heads = args.n or [24], ["float32"], 4
 
     device = "cuda" if ON_GPU else "cpu"
     lengths_n = args.n or ([128, 512, 2048] if ON_GPU else [24, 70])
-    device_name = torch.cuda.get_device_name(0) if ON_GPU else f"CPU ({platform.processor() or platform.machine()})"
+    device_name = common.device_name(torch.device(device))
     if not ON_GPU:
         print("No CUDA device: correctness only, under the Triton interpreter (TRITON_INTERPRET=1), at small n;")
         print("no timings or memory figures are measured on the CPU.")
@@ -168,7 +164,7 @@ def main(argv=None) -> int:
         "note": None if ON_GPU else "CPU: correctness only under the Triton interpreter; no timings measured",
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "triton": triton.__version__,
                      "cuda": torch.version.cuda},  # fmt: skip
-        "git_revision": git_revision(),
+        "git_revision": common.git_revision(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "settings": {"heads": args.heads, "head_dim": args.head_dim, "n": lengths_n, "dtypes": args.dtypes,
                      "tokens_per_call": args.tokens, "context_grad_dtype": "float32", "lse_dtype": "float32",
@@ -176,8 +172,8 @@ def main(argv=None) -> int:
                      "launch_config": {str(n): vars(ar.launch_config(n, args.head_dim)) for n in lengths_n}},
         "rows": rows,
     }  # fmt: skip
-    slug = re.sub(r"[^A-Za-z0-9]+", "_", device_name if ON_GPU else "cpu_interpreter").strip("_")
-    out = args.out or REPO / "bench" / "results" / f"bench_kernel_{slug}.json"
+    slug = common.device_slug(torch.device(device)) + ("" if ON_GPU else "-interpreter")
+    out = args.out or REPO / "bench" / "results" / f"{slug}-bench_kernel{'-quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(report, indent=2))

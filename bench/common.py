@@ -119,6 +119,7 @@ def environment(device: torch.device) -> dict:
         "git": git_revision(),
         "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "omp_env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "TRITON_INTERPRET")},
     }
     if device.type == "cuda":
         env["cuda_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
@@ -137,9 +138,24 @@ def load_warning(device: torch.device) -> str | None:
     except OSError:
         return None
     cores = os.cpu_count() or 1
-    if load > 0.75 * cores:
+    if load > 0.75 * cores and device.type == "cpu":
         return (f"warning: load average {load:.1f} on {cores} cores: other processes compete for the CPU; "
-                f"timings are noisy (with oversubscribed cores --threads 1 is often faster)")
+                f"timings are noisy; OpenMP threads that spin-wait on busy cores slow torch down several "
+                f"times: run with OMP_WAIT_POLICY=PASSIVE in the environment, or --threads 1")
+    return None
+
+
+def set_threads(requested: int | None, device: torch.device) -> str | None:
+    """Apply --threads. Left unset on a CPU whose cores are already busy, use one thread: torch's OpenMP
+    threads spin-wait for each other, and when another process holds a core every small op waits for a
+    descheduled thread (in our runs the literal loop was up to 16x slower with 2 threads than with 1). Returns a
+    note for the log, or None."""
+    if requested:
+        torch.set_num_threads(requested)
+        return None
+    if device.type == "cpu" and load_warning(device) and torch.get_num_threads() > 1:
+        torch.set_num_threads(1)
+        return "the CPU is busy: using 1 torch thread (pass --threads N to override)"
     return None
 
 
