@@ -1,23 +1,38 @@
-"""attattr-fast: self-attention attribution (AttAttr, Hao et al., AAAI 2021) for BERT-family classifiers."""
+"""attattr-fast: self-attention attribution (AttAttr, Hao et al., AAAI 2021) for BERT-family classifiers.
 
-from attattr_fast.adapters import EncoderAdapter, adapter_for, register_adapter
-from attattr_fast.api import AttentionAttribution
-from attattr_fast.errors import AttAttrError, UnsupportedModelError
-from attattr_fast.models import load_classifier
-from attattr_fast.result import AttributionResult
-from attattr_fast.results import load_results
+The public names load on first use, so `import attattr_fast.reference` stays free of the engine and the
+kernels (DESIGN §6).
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AttAttrError",
-    "AttentionAttribution",
-    "AttributionResult",
-    "EncoderAdapter",
-    "UnsupportedModelError",
-    "adapter_for",
-    "load_classifier",
-    "load_results",
-    "register_adapter",
-    "__version__",
-]
+_EXPORTS = {
+    "AttAttrError": "attattr_fast.errors",
+    "AttentionAttribution": "attattr_fast.api",
+    "AttributionResult": "attattr_fast.result",
+    "EncoderAdapter": "attattr_fast.adapters",
+    "UnsupportedModelError": "attattr_fast.errors",
+    "adapter_for": "attattr_fast.adapters",
+    "load_classifier": "attattr_fast.models",
+    "load_results": "attattr_fast.results",
+    "register_adapter": "attattr_fast.adapters",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'attattr_fast' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

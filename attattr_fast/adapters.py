@@ -123,12 +123,16 @@ class EncoderAdapter:
         return next(self.model.parameters()).device
 
     @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
     def max_length(self) -> int:
         return int(self.config.max_position_embeddings)
 
     def weights(self, dtype: torch.dtype | None = None) -> Weights:
         """Detached weights in `dtype` (default: the model's own; no copy in that case)."""
-        dtype = dtype or next(self.model.parameters()).dtype
+        dtype = dtype or self.dtype
         layers = []
         for layer in self._base().encoder.layer:
             att = layer.attention
@@ -145,16 +149,22 @@ class EncoderAdapter:
         return Weights(layers=layers, gates=gates, head=head, dtype=dtype)
 
     # -- the model as functions ---------------------------------------------------------------
-    def embed(self, input_ids: Tensor, token_type_ids: Tensor | None, attention_mask: Tensor | None) -> Tensor:
-        """X⁰ [B, n, D] in the model's dtype."""
+    def embed(self, input_ids: Tensor, token_type_ids: Tensor | None, attention_mask: Tensor | None,
+              dtype: torch.dtype | None = None) -> Tensor:
+        """X⁰ [B, n, D] computed in `dtype` (default: the model's)."""
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        return self._sum_and_normalise(input_ids, token_type_ids, positions, dtype)
+
+    def _sum_and_normalise(self, input_ids: Tensor, token_type_ids: Tensor | None, positions: Tensor,
+                           dtype: torch.dtype | None) -> Tensor:
         emb = self._base().embeddings
-        n = input_ids.shape[1]
+        dtype = dtype or self.dtype
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        positions = torch.arange(n, device=input_ids.device).unsqueeze(0)
-        x = emb.word_embeddings(input_ids) + emb.token_type_embeddings(token_type_ids)
-        x = x + emb.position_embeddings(positions)
-        return F.layer_norm(x, x.shape[-1:], emb.LayerNorm.weight, emb.LayerNorm.bias, emb.LayerNorm.eps).detach()
+        x = emb.word_embeddings(input_ids).to(dtype) + emb.token_type_embeddings(token_type_ids).to(dtype)
+        x = x + emb.position_embeddings(positions).to(dtype)
+        norm = emb.LayerNorm
+        return F.layer_norm(x, x.shape[-1:], norm.weight.to(dtype), norm.bias.to(dtype), norm.eps).detach()
 
     def project_qkv(self, w: Weights, layer: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Q, K, V [B, H, n, d] of layer `layer` from its input `x` [B, n, D]."""
@@ -222,7 +232,7 @@ class EncoderAdapter:
     ) -> Tensor:
         """Logits [B, C] of the whole model through the adapter (gates applied)."""
         w = weights or self.weights()
-        x = self.embed(input_ids, token_type_ids, attention_mask).to(w.dtype)
+        x = self.embed(input_ids, token_type_ids, attention_mask, w.dtype)
         bias = self.mask_bias(attention_mask, w.dtype)
         for layer in range(self.n_layers):
             q, k, v = self.project_qkv(w, layer, x)
@@ -248,16 +258,12 @@ class RobertaAdapter(EncoderAdapter):
     def max_length(self) -> int:
         return int(self.config.max_position_embeddings) - int(self.config.pad_token_id) - 1
 
-    def embed(self, input_ids: Tensor, token_type_ids: Tensor | None, attention_mask: Tensor | None) -> Tensor:
-        emb = self._base().embeddings
-        pad = emb.padding_idx
+    def embed(self, input_ids: Tensor, token_type_ids: Tensor | None, attention_mask: Tensor | None,
+              dtype: torch.dtype | None = None) -> Tensor:
+        pad = self._base().embeddings.padding_idx
         real = input_ids.ne(pad).long()
         positions = torch.cumsum(real, dim=1) * real + pad
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
-        x = emb.word_embeddings(input_ids) + emb.token_type_embeddings(token_type_ids)
-        x = x + emb.position_embeddings(positions)
-        return F.layer_norm(x, x.shape[-1:], emb.LayerNorm.weight, emb.LayerNorm.bias, emb.LayerNorm.eps).detach()
+        return self._sum_and_normalise(input_ids, token_type_ids, positions, dtype)
 
 
 class ElectraAdapter(EncoderAdapter):
@@ -276,10 +282,13 @@ class ElectraAdapter(EncoderAdapter):
     def _head_activation(self, x: Tensor) -> Tensor:
         return self.model.classifier.activation(x)
 
-    def embed(self, input_ids: Tensor, token_type_ids: Tensor | None, attention_mask: Tensor | None) -> Tensor:
-        x = super().embed(input_ids, token_type_ids, attention_mask)
+    def embed(self, input_ids: Tensor, token_type_ids: Tensor | None, attention_mask: Tensor | None,
+              dtype: torch.dtype | None = None) -> Tensor:
+        x = super().embed(input_ids, token_type_ids, attention_mask, dtype)
         project = getattr(self._base(), "embeddings_project", None)
-        return project(x).detach() if project is not None else x
+        if project is None:
+            return x
+        return F.linear(x, project.weight.to(x.dtype), project.bias.to(x.dtype)).detach()
 
 
 _ADAPTERS: dict[str, type[EncoderAdapter]] = {

@@ -11,13 +11,12 @@ from torch import Tensor
 from attattr_fast import engine
 from attattr_fast.adapters import EncoderAdapter, adapter_for
 from attattr_fast.errors import AttAttrError
-from attattr_fast.inputs import check_options, validate_inputs
+from attattr_fast.inputs import check_backend, check_options, row_dtype, state_dtype, validate_inputs
 from attattr_fast.reductions import TopInteractions, top_interactions
 from attattr_fast.result import AttributionResult
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "triton", "torch")
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32):
@@ -27,13 +26,14 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = tor
     interpreter is for tests, far too slow to choose on its own). "triton" runs on CUDA, or on the
     CPU under TRITON_INTERPRET=1, and raises an `AttAttrError` where it cannot run.
     """
-    if backend not in BACKENDS:
-        raise AttAttrError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    check_backend(backend)
     if backend == "torch":
         return engine.reduce_layer_torch
     interpreter = os.environ.get("TRITON_INTERPRET") == "1"
     reason = None
-    if device.type != "cuda" and (backend == "auto" or not interpreter):
+    if device.type != "cuda" and backend == "auto":
+        reason = f"tensors are on {device.type}; backend 'auto' takes the Triton kernel on CUDA only"
+    elif device.type != "cuda" and not interpreter:
         reason = f"tensors are on {device.type}; the Triton kernel runs on CUDA (or with TRITON_INTERPRET=1)"
     elif dtype == torch.float64:
         reason = "the Triton kernel has no float64 path"
@@ -114,9 +114,11 @@ class AttentionAttribution:
         key_mask, token_type_ids, target, layers = validate_inputs(
             adapter, input_ids, attention_mask, token_type_ids, target, layers
         )
-        prefix_weights = adapter.weights()
+        model_dtype = adapter.dtype
+        prefix_weights = adapter.weights(state_dtype(model_dtype))
         reduce_layer = resolve_backend(backend, device, prefix_weights.dtype)
-        row_weights = adapter.weights(dtype) if dtype is not None and dtype != prefix_weights.dtype else prefix_weights
+        rows_dtype = row_dtype(model_dtype, dtype)
+        row_weights = prefix_weights if rows_dtype == prefix_weights.dtype else adapter.weights(rows_dtype)
         alphas = torch.tensor(alphas_np, dtype=torch.float32)
         quad_weights = torch.tensor(weights_np, dtype=torch.float32)
 

@@ -60,7 +60,7 @@ def run_prefix(
 ) -> Prefix:
     """One forward of the real input, keeping the states the rows start from."""
     with torch.no_grad():
-        x = adapter.embed(input_ids, token_type_ids, key_mask).to(weights.dtype)
+        x = adapter.embed(input_ids, token_type_ids, key_mask, weights.dtype)
         bias = adapter.mask_bias(key_mask, weights.dtype)
         states: dict[int, LayerState] = {}
         for layer in range(adapter.n_layers):

@@ -406,7 +406,7 @@ def forward_with_attention_edits(
     input_ids = input_ids.to(device)
     attention_mask = None if attention_mask is None else attention_mask.to(device)
     token_type_ids = None if token_type_ids is None else token_type_ids.to(device)
-    x = adapter.embed(input_ids, token_type_ids, attention_mask).to(weights.dtype)
+    x = adapter.embed(input_ids, token_type_ids, attention_mask, weights.dtype)
     bias = adapter.mask_bias(attention_mask, weights.dtype)
     for layer in range(adapter.n_layers):
         q, k, v = adapter.project_qkv(weights, layer, x)

@@ -185,7 +185,7 @@ def evaluate_gates(
     correct, gold = 0, 0.0
     for idx, n in _chunks(key_mask, batch_size):
         ids, mask, tt = _take(idx, n, input_ids, key_mask, types)
-        x = adapter.embed(ids, tt, mask).to(w.dtype)
+        x = adapter.embed(ids, tt, mask, w.dtype)
         logits, _, _ = _run_layers(adapter, w, x, mask)
         c, p = _tally(logits, labels[idx.to(labels.device)])
         correct, gold = correct + c, gold + p
@@ -299,7 +299,7 @@ def _taylor_scores(adapter, input_ids, labels, key_mask, types, *, batch_size, p
             # one gate copy per example: the examples are independent, so the gradient of the summed
             # loss with respect to copy b is example b's own gate gradient
             xi = torch.ones(len(idx), adapter.n_layers, adapter.n_heads, device=ids.device, requires_grad=True)
-            x = adapter.embed(ids, tt, mask).to(w.dtype)
+            x = adapter.embed(ids, tt, mask, w.dtype)
             logits, _, _ = _run_layers(adapter, w, x, mask, multipliers=xi)
             loss = F.cross_entropy(logits, labels[idx.to(labels.device)], reduction="sum")
             (grad,) = torch.autograd.grad(loss, xi)
@@ -315,7 +315,7 @@ def _attention_scores(adapter, input_ids, labels, key_mask, types, *, batch_size
     total = torch.zeros(adapter.n_layers, adapter.n_heads, dtype=torch.float64)
     for idx, n in _chunks(key_mask, batch_size):
         ids, mask, tt = _take(idx, n, input_ids, key_mask, types)
-        x = adapter.embed(ids, tt, mask).to(w.dtype)
+        x = adapter.embed(ids, tt, mask, w.dtype)
         _, _, probs = _run_layers(adapter, w, x, mask, keep_probs=True)
         for layer, p in enumerate(probs):
             total[layer] += masked_head_max(p.float(), mask)[0].double().sum(0).cpu()
@@ -338,7 +338,7 @@ def _gated_accuracies(adapter: EncoderAdapter, input_ids, labels, key_mask, type
         for idx, n in chunks:
             ids, mask, tt = _take(idx, n, input_ids, key_mask, types)
             gold = labels[idx.to(labels.device)]
-            x = adapter.embed(ids, tt, mask).to(w.dtype)
+            x = adapter.embed(ids, tt, mask, w.dtype)
             _, inputs, _ = _run_layers(adapter, w, x, mask, keep_inputs=True)
             for c, (layer, gates) in enumerate(layer_gates):
                 all_gates = w.gates.clone()

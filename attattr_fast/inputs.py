@@ -12,6 +12,12 @@ from attattr_fast.errors import AttAttrError
 
 OUTPUTS = ("full", "reduced")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+BACKENDS = ("auto", "triton", "torch")
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise AttAttrError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
 def check_options(
@@ -25,7 +31,7 @@ def check_options(
     if output not in OUTPUTS:
         raise AttAttrError(f"unknown output {output!r}; choose one of {', '.join(OUTPUTS)}")
     if dtype is not None and dtype not in DTYPES:
-        raise AttAttrError(f"unsupported dtype {dtype}; use float32, bfloat16 or float16")
+        raise AttAttrError(f"unsupported dtype {dtype}; use float32, float64, bfloat16 or float16")
     if internal_batch_size is not None and (
         isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, int) or internal_batch_size < 1
     ):
@@ -33,6 +39,17 @@ def check_options(
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise AttAttrError(f"top_k must be a non-negative integer, got {top_k!r}")
     return alphas, weights
+
+
+def state_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the real-input forward and of everything reduced from it: float32 (float64 models
+    stay float64; half-precision models are upcast)."""
+    return torch.float64 if model_dtype == torch.float64 else torch.float32
+
+
+def row_dtype(model_dtype: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype of the integration rows' forward and backward: `dtype` when given, else `state_dtype`."""
+    return dtype if dtype is not None else state_dtype(model_dtype)
 
 
 def validate_inputs(
@@ -67,8 +84,10 @@ def validate_inputs(
         token_type_ids = token_type_ids.to(input_ids.device)
     n_labels = adapter.num_labels
     if target is not None:
-        if isinstance(target, int) and not isinstance(target, bool):
-            target = torch.full((batch,), target, dtype=torch.long)
+        if isinstance(target, (int, np.integer)) and not isinstance(target, bool):
+            target = torch.full((batch,), int(target), dtype=torch.long)
+        elif isinstance(target, Tensor) and target.dim() == 0 and target.dtype == torch.long:
+            target = target.expand(batch)
         if not isinstance(target, Tensor) or target.dtype != torch.long or tuple(target.shape) != (batch,):
             raise AttAttrError(f"target must be None, an int or a LongTensor of shape [{batch}]")
         if bool(((target < 0) | (target >= n_labels)).any()):
@@ -76,7 +95,12 @@ def validate_inputs(
         target = target.to(input_ids.device)
     if layers is None:
         layers = list(range(adapter.n_layers))
-    layers = [int(x) for x in layers]
+    if isinstance(layers, (int, np.integer)) and not isinstance(layers, bool):
+        layers = [layers]
+    try:
+        layers = [int(x) for x in layers]
+    except (TypeError, ValueError):
+        raise AttAttrError(f"layers must be a list of layer indices, got {layers!r}") from None
     if not layers:
         raise AttAttrError("layers is empty")
     bad = [x for x in layers if not 0 <= x < adapter.n_layers]

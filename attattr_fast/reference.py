@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from attattr_fast.adapters import adapter_for
-from attattr_fast.inputs import check_options, validate_inputs
+from attattr_fast.inputs import check_backend, check_options, row_dtype, validate_inputs
 from attattr_fast.reductions import masked_head_max, top_interactions
 from attattr_fast.result import AttributionResult
 
@@ -106,8 +106,9 @@ def attribute(
     top_k: int = 0,
     result_device: str | torch.device = "cpu",
 ) -> AttributionResult:
-    """Same arguments and result as `AttentionAttribution.attribute` (backend and
-    internal_batch_size are accepted and ignored: every node is its own forward and backward)."""
+    """Same arguments and result as `AttentionAttribution.attribute`. `dtype` is the dtype the whole model
+    runs in (None: float32, float64 models stay float64); `backend` is checked and ignored, as is
+    `internal_batch_size`: every node is its own forward and backward."""
     alphas, weights = check_options(method, n_steps, output, dtype, internal_batch_size, top_k)
     meta = adapter_for(model)  # only for the model's sizes
     device = meta.device
@@ -115,8 +116,10 @@ def attribute(
     key_mask, token_type_ids, target, layers = validate_inputs(
         meta, input_ids, attention_mask, token_type_ids, target, layers
     )
-    if dtype is not None and dtype != next(model.parameters()).dtype:
-        model = copy.deepcopy(model).to(dtype)
+    check_backend(backend)
+    compute_dtype = row_dtype(meta.dtype, dtype)
+    if compute_dtype != meta.dtype:
+        model = copy.deepcopy(model).to(compute_dtype)
     batch, length = input_ids.shape
     n_heads = meta.n_heads
     lengths = key_mask.sum(1)

@@ -16,6 +16,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 FAMILIES = ("bert", "roberta", "electra")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` skip, saying why, where CUDA is absent (`pytest -m gpu` selects them)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (timings-free GPU checks)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def tiny_classifier(family: str = "bert", *, layers: int = 3, heads: int = 4, hidden: int = 32,
                     num_labels: int = 3, seed: int = 0, dtype=torch.float32):
     """A small random *ForSequenceClassification in eval mode (vocabulary 100, 64 positions)."""

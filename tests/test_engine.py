@@ -1,5 +1,11 @@
 """The engine against the literal algorithm (attattr_fast.reference) and against invariants."""
 
+import copy
+import functools
+import subprocess
+import sys
+
+import numpy as np
 import pytest
 import torch
 
@@ -91,10 +97,51 @@ def test_position_zero_head_leaves_only_row_zero_of_the_last_layer():
     model = tiny_classifier("bert", layers=3)
     ids, mask, types = padded_batch(model, [7])
     res = AttentionAttribution(model).attribute(ids, mask, types, n_steps=3, backend="torch")
-    last = res.attributions[0, -1]
-    assert torch.all(last[:, 1:, :] == 0)
-    assert last[:, 0, :].abs().max() > 0
-    assert res.attributions[0, 0, :, 1:, :].abs().max() > 0  # lower layers use every row
+    ref = reference.attribute(model, ids, mask, types, n_steps=3, dtype=torch.float64)  # no shortcut there
+    for out in (res, ref):
+        last = out.attributions[0, -1]
+        assert torch.all(last[:, 1:, :] == 0)
+        assert last[:, 0, :].abs().max() > 0
+        assert out.attributions[0, 0, :, 1:, :].abs().max() > 0  # lower layers use every row
+
+
+def test_zero_attention_gives_zero_attribution():
+    """Sharp layer-0 queries make softmax underflow to exact zeros at valid positions (not padding)."""
+    model = tiny_classifier("bert", layers=2)
+    with torch.no_grad():
+        model.bert.encoder.layer[0].attention.self.query.weight.mul_(200.0)
+        model.bert.encoder.layer[0].attention.self.key.weight.mul_(200.0)
+    ids, mask, types = padded_batch(model, [12])
+    res = AttentionAttribution(model).attribute(ids, mask, types, n_steps=3, backend="torch", layers=[0])
+    zero = res.attention[0, 0] == 0
+    assert zero.sum() > 10 and (~zero).sum() > 10, "the setting must give both zero and non-zero attention"
+    assert torch.all(res.attributions[0, 0][zero] == 0)
+    assert res.attributions[0, 0][~zero].abs().max() > 0
+
+
+def test_dtype_none_computes_in_float32_for_a_half_precision_model():
+    """DESIGN §3: dtype=None means float32, whatever the model's own dtype."""
+    half = tiny_classifier("electra", layers=2, dtype=torch.bfloat16)
+    upcast = copy.deepcopy(half).float()
+    ids, mask, types = padded_batch(half, [8, 5], pair_at=3)
+    for attribute in (AttentionAttribution(half).attribute, functools.partial(reference.attribute, half)):
+        got = attribute(ids, mask, types, n_steps=3, top_k=2)
+        assert got.attributions.dtype == torch.float32
+        want = reference.attribute(upcast, ids, mask, types, n_steps=3, top_k=2)
+        assert_close_per_layer(got.attributions, want.attributions)
+        torch.testing.assert_close(got.prob, want.prob, atol=1e-6, rtol=0)
+    assert next(half.parameters()).dtype == torch.bfloat16  # the caller's model is left as it was
+
+
+def test_single_layer_and_scalar_targets_are_accepted():
+    model = tiny_classifier("bert", layers=2)
+    ids, mask, types = padded_batch(model, [5, 4])
+    aa = AttentionAttribution(model)
+    listed = aa.attribute(ids, mask, types, layers=[1], target=torch.tensor([2, 2]), n_steps=2, backend="torch")
+    for layers, target in ((1, 2), (np.int64(1), np.int64(2)), ([1], torch.tensor(2))):
+        got = aa.attribute(ids, mask, types, layers=layers, target=target, n_steps=2, backend="torch")
+        assert got.layers == [1] and torch.equal(got.target, listed.target)
+        assert torch.equal(got.attributions, listed.attributions)
 
 
 def test_gated_head_has_zero_attribution():
@@ -172,6 +219,7 @@ def test_completeness_on_minilm(builtin):
     (dict(target=torch.tensor([0])), "target must be"),
     (dict(layers=[0, 3]), "layer index 3 out of range"),
     (dict(layers=[1, 1]), "duplicates"),
+    (dict(layers="first"), "layers must be"),
     (dict(method="simpson"), "unknown method"),
     (dict(n_steps=0), "n_steps must be"),
     (dict(output="everything"), "unknown output"),
@@ -179,11 +227,14 @@ def test_completeness_on_minilm(builtin):
     (dict(internal_batch_size=0), "internal_batch_size"),
     (dict(attention_mask=torch.tensor([[1, 0, 1, 1, 1], [1, 1, 1, 1, 1]])), "right-padded"),
 ])  # fmt: skip
-def test_bad_arguments_raise_one_line_errors(kwargs, message):
+@pytest.mark.parametrize("implementation", ["engine", "reference"])
+def test_bad_arguments_raise_one_line_errors(kwargs, message, implementation):
     model = tiny_classifier("bert")
     ids = torch.randint(5, 100, (2, 5))
+    attribute = AttentionAttribution(model).attribute if implementation == "engine" else (
+        functools.partial(reference.attribute, model))
     with pytest.raises(AttAttrError, match=message) as info:
-        AttentionAttribution(model).attribute(ids, **kwargs)
+        attribute(ids, **kwargs)
     assert "\n" not in str(info.value)
 
 
@@ -196,3 +247,12 @@ def test_too_long_and_empty_inputs_raise():
         aa.attribute(torch.zeros(1, 0, dtype=torch.long))
     with pytest.raises(AttAttrError, match="LongTensor"):
         aa.attribute(torch.zeros(1, 3))
+
+
+def test_reference_imports_neither_engine_nor_kernels():
+    code = ("import sys, attattr_fast.reference; "
+            "print(sorted(m for m in sys.modules if m.startswith(('attattr_fast.engine', 'attattr_fast.api', "
+            "'attattr_fast.kernels', 'kernels'))))")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

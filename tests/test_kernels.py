@@ -22,7 +22,6 @@ from tolerances import KERNEL_LOW_PRECISION_RTOL, LOW_PRECISION_FACTOR, RTOL_F32
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (timings-free GPU checks)")
 
 
 def make_inputs(lengths, heads, head_dim, nodes=None, dtype=torch.float32, seed=0, device=DEVICE, batch_shape=None):
@@ -341,7 +340,7 @@ def test_triton_backend_without_interpreter_or_gpu_raises():
 
 
 # -- GPU-only checks (no timings) -----------------------------------------------------------------------------
-@gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim", [32, 64, 128])
 def test_gpu_kernel_matches_torch(dtype, head_dim):
@@ -355,7 +354,7 @@ def test_gpu_kernel_matches_torch(dtype, head_dim):
         assert rel_err(got[index], exact[index]) <= LOW_PRECISION_FACTOR * rel_err(plain[index], exact[index])
 
 
-@gpu
+@pytest.mark.gpu
 def test_gpu_int64_offsets():
     if torch.cuda.get_device_properties(0).total_memory < 24 * 2**30:
         pytest.skip("needs a GPU with 24 GiB for a [B, H, n, n] output above 2**31 elements")
@@ -368,7 +367,7 @@ def test_gpu_int64_offsets():
     assert_matches((attr[-1:], head_max[-1:], head_argmax[-1:], layer[-1:]), want)
 
 
-@gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("output", ["full", "reduced"])
 def test_gpu_engine_triton_matches_torch(output):
     model = tiny_classifier("bert", layers=2, heads=4, hidden=128, seed=4).cuda()
