@@ -14,7 +14,7 @@ setup(
     package_data={"attattr_fast": ["data/*.tsv", "data/*.txt"]},
     install_requires=[
         "torch>=2.4",
-        "transformers>=4.48",
+        "transformers>=5.0",
         "numpy",
         "networkx",
         "safetensors",

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from attattr_fast.adapters import adapter_for
+from attattr_fast.errors import AttAttrError
 from attattr_fast.inputs import check_backend, check_options, row_dtype, validate_inputs
 from attattr_fast.reductions import masked_head_max, top_interactions
 from attattr_fast.result import AttributionResult
@@ -140,6 +141,9 @@ def attribute(
                 logits = model(input_ids=ids, token_type_ids=types).logits
             real = _current.record
             _current.record = None
+            if len(real) != meta.n_layers:
+                raise AttAttrError(f"{type(model).__name__} does not compute attention through transformers' "
+                                   "AttentionInterface (transformers >= 5.0 needed)")
             t = int(logits.argmax(-1)) if target is None else int(target[b])
             targets[b] = t
             prob[b] = float(torch.softmax(logits.double(), dim=-1)[0, t])
