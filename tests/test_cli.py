@@ -59,6 +59,7 @@ def test_input_file_with_pairs_and_gold_labels(capsys, tmp_path, tiny_model_dir)
     (["--text", "good", "--method", "simpson"], "unknown method"),
     (["--text", "good", "--layers", "7"], "layer 7 out of range"),
     (["--text", "good", "--layers", "one"], "cannot parse"),
+    (["--text", "good", "--layers", "1-0"], "runs backwards"),
     (["--text", "good", "--dtype", "int8"], "unknown dtype"),
     (["--text", "good", "--target", "neutral"], "unknown label 'neutral'"),
     (["--text", "good", "--model", "/nonexistent/model"], "no model at"),
@@ -122,3 +123,19 @@ def test_console_entry_point_prints_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert not (tmp_path / "res").exists()
+
+
+def test_unwritable_out_and_failed_writes_are_one_line(capsys, tmp_path, tiny_model_dir, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    code, _, err = run_cli(capsys, "attribute", "--text", "good", "--model", str(tiny_model_dir),
+                           "--out", str(blocker / "sub" / "res"))  # fmt: skip
+    assert code == 2 and "cannot write in" in err and err.count("\n") == 1, err
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "res"))
+
+    monkeypatch.setattr("attattr_fast.results.open_run_directory", disk_full)
+    code, _, err = run_cli(capsys, "attribute", "--text", "good", "--model", str(tiny_model_dir),
+                           "--out", str(tmp_path / "res"))  # fmt: skip
+    assert code == 2 and err == f"attattr-fast: error: {tmp_path / 'res'}: No space left on device\n", err

@@ -517,6 +517,8 @@ def test_cli_other_mistakes(hand_results, tmp_path, capsys):
     _fails(capsys, "--results", hand_results, "--format", "pdf", "--out", out, out=out, match="--format")
     _fails(capsys, "--results", hand_results, "--out", tmp_path / "no" / "g.png", match="does not exist")
     _fails(capsys, "--results", hand_results, "--format", "svg", "--out", out, out=out, match="does not match")
+    bmp = tmp_path / "g.bmp"
+    _fails(capsys, "--results", hand_results, "--out", bmp, out=bmp, match="'.bmp' is not one of")
     _fails(capsys, "--results", hand_results, "--receptive-field", "--format", "html", match="--format")
     _fails(capsys, "--text", "fine", "--receptive-field", match="needs --results")
     partial = _results_dir(tmp_path / "partial", np.zeros((2, 3, 3)), ["[CLS]", "x", "[SEP]"], layers=[0, 2])

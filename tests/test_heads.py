@@ -285,6 +285,7 @@ def test_heads_cli_writes_the_api_scores(capsys, tmp_path, tiny_model_dir):
     (["--scatter", "x.png"], "--scatter needs --compare-input"),
     (["--task", "sst9", "--input", "DATA"], "unknown task 'sst9'"),
     (["--input", "MISSING"], "input file not found"),
+    (["--task", "sst2"], "needs an input file"),
 ])  # fmt: skip
 def test_heads_cli_errors_are_one_line_and_write_nothing(capsys, tmp_path, tiny_model_dir, args, message):
     data = _labelled_tsv(tmp_path / "data.tsv")

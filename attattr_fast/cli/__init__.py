@@ -1,7 +1,7 @@
 """`attattr-fast` command line: one module per subcommand, each with `register(subparsers)`.
 
-Every expected failure (bad input, unknown model, corrupt results) is an `AttAttrError`: printed as
-one line on stderr with exit status 2, never a traceback.
+Every expected failure (bad input, unknown model, corrupt results) is an `AttAttrError`, and a failed
+write an `OSError`: printed as one line on stderr with exit status 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -58,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except AttAttrError as exc:
         print(f"attattr-fast: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a disk that fills up or a path that vanishes mid-run
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"attattr-fast: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("attattr-fast: interrupted", file=sys.stderr)

@@ -105,8 +105,7 @@ def run(args: argparse.Namespace) -> int:
     if args.repair and args.out is None:
         raise AttAttrError("--repair needs --out, the results directory to repair")
     examples, source = _examples(args)
-    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
-        raise AttAttrError(f"--out {args.out} exists and is not a directory")
+    common.check_output_path(args.out, "--out", directory=True)
 
     dist = distributed.from_environment(device.type)
     try:

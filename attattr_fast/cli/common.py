@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 import torch
 
@@ -37,21 +39,40 @@ def parse_positive_int(value: str, name: str) -> int:
     return number
 
 
+def check_output_path(value: str | None, option: str, directory: bool = False) -> Path | None:
+    """An output path that can be written, checked before any work so that nothing runs for nothing.
+    A file needs an existing, writable folder; a directory (made with its parents) a writable ancestor."""
+    if value is None:
+        return None
+    path = Path(value)
+    if path.is_dir() and not directory:
+        raise AttAttrError(f"{option} {value} is a directory")
+    if path.exists() and directory and not path.is_dir():
+        raise AttAttrError(f"{option} {value} exists and is not a directory")
+    folder = path if directory else path.parent
+    if not directory and not folder.is_dir():
+        raise AttAttrError(f"{option}: directory {folder} does not exist")
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise AttAttrError(f"{option} {value}: cannot write in {folder}")
+    return path
+
+
 def parse_layers(value: str | None, n_layers: int) -> list[int] | None:
     """'0,3,5', '2-5' or a mix; checked against the model's layer count."""
     if value is None or value.strip().lower() in ("", "all"):
         return None
     layers: list[int] = []
-    try:
-        for part in value.split(","):
-            part = part.strip()
-            if "-" in part[1:]:
-                lo, hi = part.split("-", 1)
-                layers.extend(range(int(lo), int(hi) + 1))
-            else:
-                layers.append(int(part))
-    except ValueError:
-        raise AttAttrError(f"--layers: cannot parse {value!r}; use e.g. '0,3,5' or '0-5'") from None
+    for part in (p.strip() for p in value.split(",")):
+        bounds = part.split("-", 1) if "-" in part[1:] else [part, part]
+        try:
+            lo, hi = int(bounds[0]), int(bounds[1])
+        except ValueError:
+            raise AttAttrError(f"--layers: cannot parse {value!r}; use e.g. '0,3,5' or '0-5'") from None
+        if lo > hi:
+            raise AttAttrError(f"--layers: range {part!r} runs backwards")
+        layers.extend(range(lo, hi + 1))
     bad = [x for x in layers if not 0 <= x < n_layers]
     if bad:
         raise AttAttrError(f"--layers: layer {bad[0]} out of range; the model has layers 0..{n_layers - 1}")

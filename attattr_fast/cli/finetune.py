@@ -66,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
         seed=int(args.seed),
     )
     config.check()
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    out = common.check_output_path(args.out, "--out", directory=True)
+    if out.exists() and any(out.iterdir()):
         raise AttAttrError(f"--out {out} exists and is not an empty directory")
     device = common.parse_device(args.device)
     train_data = read_task(args.train, args.task)

@@ -43,18 +43,16 @@ def register(sub) -> None:
 def _output(args, default_stem: str, allowed: tuple[str, ...]) -> tuple[Path, str]:
     fmt = args.format.lower() if args.format is not None else None
     suffix = Path(args.out).suffix.lstrip(".").lower() if args.out else ""
+    if fmt is None and suffix and suffix not in allowed:
+        raise AttAttrError(f"--out {args.out}: '.{suffix}' is not one of {', '.join(allowed)} here; "
+                           "name the file so, or pass --format")
     if fmt is None:
-        fmt = suffix if suffix in allowed else "png"
+        fmt = suffix or "png"
     if fmt not in allowed:
         raise AttAttrError(f"--format: {args.format!r} is not one of {', '.join(allowed)} here")
     if suffix in FORMATS and suffix != fmt:
         raise AttAttrError(f"--out {args.out} does not match --format {fmt}")
-    out = Path(args.out) if args.out else Path(f"{default_stem}.{fmt}")
-    if not out.parent.is_dir():
-        raise AttAttrError(f"--out: folder {out.parent} does not exist")
-    if out.is_dir():
-        raise AttAttrError(f"--out {out} is a directory")
-    return out, fmt
+    return common.check_output_path(args.out or f"{default_stem}.{fmt}", "--out"), fmt
 
 
 def _options(args) -> dict:

@@ -57,18 +57,6 @@ def parse_kinds(value: str) -> list[str]:
     return kinds
 
 
-def check_output_path(value: str | None, option: str) -> Path | None:
-    """The parent directory must exist; checked before any work so that nothing runs for nothing."""
-    if value is None:
-        return None
-    path = Path(value)
-    if path.is_dir():
-        raise AttAttrError(f"{option} {value} is a directory")
-    if not path.parent.is_dir():
-        raise AttAttrError(f"{option}: directory {path.parent} does not exist")
-    return path
-
-
 def load_labelled(path: str | None, task: str, model, tokenizer, max_examples: int | None = None):
     """(LabelledInputs, description) of a labelled file, or of the built-in sentences when `path` is None."""
     from attattr_fast.adapters import adapter_for
@@ -78,6 +66,8 @@ def load_labelled(path: str | None, task: str, model, tokenizer, max_examples: i
     from attattr_fast.text import model_max_length
 
     if path is None:
+        if task != "generic":
+            raise AttAttrError(f"--task {task} needs an input file; the built-in sentences are a generic set")
         data, name = TaskData("generic", builtin_sentiment_examples(), None, None), "built-in sentiment sentences"
     else:
         data, name = read_task(path, task), str(path)
@@ -123,8 +113,7 @@ def run(args: argparse.Namespace) -> int:
     from attattr_fast.results import atomic_write_bytes
 
     kinds = parse_kinds(args.kinds)
-    out, plot, scatter = (check_output_path(args.out, "--out"), check_output_path(args.plot, "--plot"),
-                          check_output_path(args.scatter, "--scatter"))  # fmt: skip
+    out, plot, scatter = (common.check_output_path(getattr(args, o), f"--{o}") for o in ("out", "plot", "scatter"))
     if scatter is not None and args.compare_input is None:
         raise AttAttrError("--scatter needs --compare-input")
     max_examples = _max_examples(args.max_examples)

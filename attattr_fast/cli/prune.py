@@ -12,7 +12,6 @@ from attattr_fast.cli import common
 from attattr_fast.cli.heads import (
     add_data_options,
     add_importance_options,
-    check_output_path,
     compute_importance,
     load_labelled,
     parse_kinds,
@@ -108,8 +107,9 @@ def run(args: argparse.Namespace) -> int:
     save = None if args.save is None else Path(args.save)
     if save is not None and save.exists() and (not save.is_dir() or any(save.iterdir())):
         raise AttAttrError(f"--save {save} exists and is not an empty directory")
-    out_json, plot, layer_plot = (check_output_path(args.json, "--json"), check_output_path(args.plot, "--plot"),
-                                  check_output_path(args.layer_plot, "--layer-plot"))  # fmt: skip
+    out_json, plot, layer_plot = (common.check_output_path(value, option) for value, option in (
+        (args.json, "--json"), (args.plot, "--plot"), (args.layer_plot, "--layer-plot")))
+    common.check_output_path(args.save, "--save", directory=True)
     repeats = common.parse_positive_int(args.timing_repeats, "--timing-repeats")
     max_examples = None if args.max_examples is None else common.parse_positive_int(args.max_examples,
                                                                                      "--max-examples")

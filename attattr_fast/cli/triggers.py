@@ -93,15 +93,6 @@ def _examples(args):
     return chosen
 
 
-def _check_out(path: str, flag: str) -> Path:
-    out = Path(path)
-    if out.is_dir():
-        raise AttAttrError(f"{flag} {path} is a directory")
-    if not out.parent.is_dir():
-        raise AttAttrError(f"{flag} {path}: directory {out.parent} does not exist")
-    return out
-
-
 def _write(out: Path, text: str) -> None:
     from attattr_fast.results import atomic_write_bytes
 
@@ -123,8 +114,8 @@ def run_extract(args: argparse.Namespace) -> int:
     dtype = common.parse_dtype(args.dtype)
     batch_size = common.parse_positive_int(args.batch_size, "--batch-size")
     device = common.parse_device(args.device)
-    out = _check_out(args.out, "--out")
-    markdown_out = _check_out(args.markdown, "--markdown") if args.markdown else None
+    out = common.check_output_path(args.out, "--out")
+    markdown_out = common.check_output_path(args.markdown, "--markdown")
     lexicon = read_lexicon(args.exclude_words) if args.exclude_words else None
     examples = _examples(args)
     model, tokenizer = common.load_model(args.model, device)
@@ -161,8 +152,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise AttAttrError(f"--control-draws must be 0 or more, got {draws}")
     batch_size = common.parse_positive_int(args.batch_size, "--batch-size")
     device = common.parse_device(args.device)
-    out = _check_out(args.out, "--out")
-    markdown_out = _check_out(args.markdown, "--markdown") if args.markdown else None
+    out = common.check_output_path(args.out, "--out")
+    markdown_out = common.check_output_path(args.markdown, "--markdown")
     patterns = load_patterns(args.patterns)
     examples = _examples(args)
     model, tokenizer = common.load_model(args.model, device)
