@@ -162,6 +162,7 @@ class AttentionAttribution:
             baseline=out.baseline,
             method=method,
             n_steps=n_steps,
+            model_layers=adapter.n_layers,
         )
         return _to_device(result, torch.device(result_device))
 

@@ -339,9 +339,12 @@ class CorpusStats:
         return text
 
 
-def describe_model(name: str, model: torch.nn.Module) -> dict[str, str]:
-    """The manifest's model entry: the name given and the weights' sha256 (what a resume compares)."""
-    return {"name": name, "class": type(model).__name__, "sha256": model_fingerprint(model)}
+def describe_model(name: str, model: torch.nn.Module, tokenizer) -> dict[str, Any]:
+    """The manifest's model entry: the name given, the weights' sha256 (what a resume compares), the number of
+    encoder layers and the tokenizer's separator token (what the attribution graph needs)."""
+    return {"name": name, "class": type(model).__name__, "sha256": model_fingerprint(model),
+            "n_layers": int(model.config.num_hidden_layers),
+            "sep_token": tokenizer.sep_token}
 
 
 def describe_input(source: dict[str, Any], corpus: PreparedCorpus) -> dict[str, Any]:

@@ -263,7 +263,7 @@ def graphs_from_result(result, tokens: Sequence[Sequence[str]], **options) -> li
         tokens: the real tokens of each example (B lists).
         options: passed to `build_graph` (method, tau, tau_last, sep_token).
     """
-    check_all_layers(result.layers)
+    check_all_layers(result.layers, result.model_layers)
     if len(tokens) != result.layer_attr.shape[0]:
         raise AttAttrError(f"{len(tokens)} token lists for {result.layer_attr.shape[0]} examples")
     graphs = []
@@ -273,10 +273,14 @@ def graphs_from_result(result, tokens: Sequence[Sequence[str]], **options) -> li
     return graphs
 
 
-def check_all_layers(layers: Sequence[int]) -> None:
-    """The graph walks down from the last layer, so it needs the scores of every layer in order."""
-    if list(layers) != list(range(len(layers))) or not layers:
-        raise AttAttrError(f"the attribution graph needs every layer's scores (0..L-1), got layers {list(layers)}")
+def check_all_layers(layers: Sequence[int], model_layers: int | None) -> None:
+    """The graph walks down from the model's last layer, so it needs the scores of every layer in order."""
+    if model_layers is None:
+        raise AttAttrError("these scores do not say how many layers the model has, which the attribution graph "
+                           "needs; attribute again with this version of attattr-fast")
+    if list(layers) != list(range(model_layers)):
+        raise AttAttrError(f"the attribution graph needs the scores of all {model_layers} layers of the model "
+                           f"(0..{model_layers - 1}), got layers {list(layers)}; attribute without --layers")
 
 
 def attention_edges(graph: nx.DiGraph) -> list[tuple[int, int, int, float]]:

@@ -98,11 +98,13 @@ def graph_figure(graph: nx.DiGraph, title: str | None = None) -> Figure:
     ax.scatter(xs, ys, s=size, c=colors, edgecolors="white", linewidths=0.8, zorder=5)
     if root is not None and root in graph:
         ax.annotate(graph.nodes[root]["token"], (root[1], root[0]), xytext=(0, 7), textcoords="offset points",
-                    ha="center", va="bottom", fontsize=9, color=ROOT_COLOR, fontweight="bold", zorder=6)
+                    ha="center", va="bottom", fontsize=9, color=ROOT_COLOR, fontweight="bold", zorder=6,
+                    parse_math=False)
 
     ax.set_xticks(range(n))
     rotate = n > 12 or max(len(t) for t in tokens) > 6
-    ax.set_xticklabels(tokens, rotation=90 if rotate else 0, fontsize=9 if n <= 40 else 8)
+    # parse_math=False: a "$" in a token or the text is a dollar sign, not the start of a formula
+    ax.set_xticklabels(tokens, rotation=90 if rotate else 0, fontsize=9 if n <= 40 else 8, parse_math=False)
     for position, label in enumerate(ax.get_xticklabels()):
         label.set_color("black" if position in in_graph else "#a0a0a0")
         if tokens[position] in SPECIAL_TOKENS:
@@ -123,7 +125,7 @@ def graph_figure(graph: nx.DiGraph, title: str | None = None) -> Figure:
     summary = f"{rule} · {len(edges)} attention edges · width ∝ attribution (max {top:.3g}) · grey: residual"
     lines = ([] if title is None else title.splitlines()) + [summary]
     chars = int(width * 12)  # about what fits across the figure at 10 pt
-    fig.suptitle("\n".join(textwrap.fill(line, chars) for line in lines), fontsize=10)
+    fig.suptitle("\n".join(textwrap.fill(line, chars) for line in lines), fontsize=10, parse_math=False)
     return fig
 
 

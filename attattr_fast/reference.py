@@ -185,6 +185,7 @@ def attribute(
         baseline=baseline,
         method=method,
         n_steps=n_steps,
+        model_layers=meta.n_layers,
     )
     device_out = torch.device(result_device)
     for name, value in vars(result).items():

@@ -38,3 +38,4 @@ class AttributionResult:
     baseline: Tensor | None = None  # float32 [B, L'] F with the layer's attention set to zero
     method: str = "riemann_right"
     n_steps: int = 20
+    model_layers: int | None = None  # encoder layers of the model (a graph needs the scores of all of them)

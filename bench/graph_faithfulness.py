@@ -71,7 +71,8 @@ def main() -> int:
     for b, example in enumerate(examples):
         n = int(lengths[b])
         for name, options in RULES:
-            graph = build_graph(res.layer_attr[b, :, :n, :n], enc.tokens[b], **options)
+            graph = build_graph(res.layer_attr[b, :, :n, :n], enc.tokens[b], **options,
+                                sep_token=tokenizer.sep_token)
             f = graph_faithfulness(aa.adapter, graph, enc.input_ids[b, :n], token_type_ids=enc.token_type_ids[b, :n],
                                    target=int(res.target[b]), draws=args.draws, seed=args.seed + b)  # fmt: skip
             rows[name].append({"example": b, "label": example.label, "n": n, "prob": f.prob, "edges": f.n_edges,

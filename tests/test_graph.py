@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from attattr_fast.api import AttentionAttribution
 from attattr_fast.errors import AttAttrError
 from attattr_fast.graph import (
     attention_edges,
@@ -17,6 +18,7 @@ from attattr_fast.graph import (
     graph_faithfulness,
     graph_from_json,
     graph_to_json,
+    graphs_from_result,
     receptive_field,
     release_tree,
 )
@@ -410,11 +412,13 @@ def test_builtin_minilm_unedited_forward_matches_its_logits(builtin):
 
 
 # -- CLI ----------------------------------------------------------------------------------------------------
-def _results_dir(path, layer_attr, tokens, layers=None, attention=None, attributions=None):
+def _results_dir(path, layer_attr, tokens, layers=None, attention=None, attributions=None, model_layers=None,
+                 sep_token="[SEP]"):
     from attattr_fast.results import Record, ResultsWriter
 
     n_layers = layer_attr.shape[0]
-    writer = ResultsWriter(path, {"model": "test", "layers": layers or list(range(n_layers)), "output": "full"})
+    model = {"name": "test", "n_layers": model_layers or n_layers, "sep_token": sep_token}
+    writer = ResultsWriter(path, {"model": model, "layers": layers or list(range(n_layers)), "output": "full"})
     for index in range(2):
         writer.add(Record(
             index=index, tokens=tokens, text="hand made", text_pair=None, label=None, target=1,
@@ -522,7 +526,50 @@ def test_cli_other_mistakes(hand_results, tmp_path, capsys):
     _fails(capsys, "--results", hand_results, "--receptive-field", "--format", "html", match="--format")
     _fails(capsys, "--text", "fine", "--receptive-field", match="needs --results")
     partial = _results_dir(tmp_path / "partial", np.zeros((2, 3, 3)), ["[CLS]", "x", "[SEP]"], layers=[0, 2])
-    _fails(capsys, "--results", partial, "--out", out, out=out, match="every layer")
+    _fails(capsys, "--results", partial, "--out", out, out=out, match="all 2 layers")
+    # the lower layers of a deeper model: every layer present, but the top one is not the model's last
+    lower = _results_dir(tmp_path / "lower", np.zeros((2, 3, 3)), ["[CLS]", "x", "[SEP]"], model_layers=6)
+    _fails(capsys, "--results", lower, "--out", out, out=out, match="all 6 layers of the model")
+    _fails(capsys, "--results", lower, "--receptive-field", "--out", tmp_path / "f.json", match="all 6 layers")
+    unknown = _results_dir(tmp_path / "unknown", np.zeros((2, 3, 3)), ["[CLS]", "x", "[SEP]"], sep_token=None)
+    _fails(capsys, "--results", unknown, "--out", out, out=out, match="does not record")
+
+
+def test_graphs_from_result_needs_every_layer_of_the_model():
+    model = tiny_classifier("bert", layers=3)
+    ids, mask, types = padded_batch(model, [5, 4])
+    aa = AttentionAttribution(model)
+    whole = aa.attribute(ids, mask, types, n_steps=2, output="reduced")
+    tokens = [["[CLS]", "a", "b", "c", "[SEP]"], ["[CLS]", "a", "b", "[SEP]"]]
+    graphs = graphs_from_result(whole, tokens)
+    assert [set(g.edges) for g in graphs] == [
+        set(attribution_graph(whole.layer_attr[b, :, :n, :n], tokens[b]).edges) for b, n in enumerate((5, 4))]
+    lower = aa.attribute(ids, mask, types, n_steps=2, output="reduced", layers=[0, 1])
+    with pytest.raises(AttAttrError, match="all 3 layers of the model"):
+        graphs_from_result(lower, tokens)
+
+
+def test_cli_uses_the_tokenizers_separator(tmp_path, capsys):
+    # RoBERTa's separator is </s>: its leaves go, as [SEP]'s do for BERT
+    a = np.zeros((2, 3, 3))
+    a[1, 0, 2] = 1.0  # the last layer reads the separator into position 0; nothing reaches the separator
+    out = tmp_path / "g.json"
+    for sep, tokens, edges in (("</s>", ["<s>", "a", "</s>"], 0), ("[SEP]", ["<s>", "a", "</s>"], 1)):
+        results = _results_dir(tmp_path / sep.strip("<>/[]"), a, tokens, sep_token=sep)
+        assert cli("--results", results, "--out", out) == 0
+        assert f"{edges} attention edges" in capsys.readouterr().out
+
+
+def test_dollar_signs_in_text_are_drawn_as_text():
+    from attattr_fast.graph_draw import render_graph
+
+    tokens = ["[CLS]", "$", "5", "^", "^", "$6", "[SEP]"]
+    a = np.zeros((2, 7, 7))
+    a[1, 0, 1], a[1, 0, 5] = 1.0, 0.8
+    graph = attribution_graph(a, tokens)
+    svg = render_graph(graph, "svg", title="The $5^^ price and $6 deal").decode()  # mathtext would raise here
+    assert "The $5^^ price and $6 deal" in svg and ">$6<" in svg
+    assert render_graph(graph, "png", title="cost $5 and $10").startswith(b"\x89PNG")
 
 
 def test_cli_text_matches_the_api(tmp_path, builtin):

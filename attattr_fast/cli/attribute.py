@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
 
         meta = {
-            "model": corpora.describe_model(args.model or "builtin:minilm-sentiment", model),
+            "model": corpora.describe_model(args.model or "builtin:minilm-sentiment", model, tokenizer),
             "input": corpora.describe_input(source, corpus),
             "target": args.target,
             "truncate": not args.no_truncate,

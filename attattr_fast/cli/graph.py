@@ -106,10 +106,21 @@ def _load_records(directory: str):
     return results
 
 
+def _model_facts(results, directory: str) -> tuple[int, str]:
+    """(encoder layers, separator token) of the model that wrote `results`, from its manifest."""
+    model = results.manifest.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("n_layers"), int) or not model.get("sep_token"):
+        results.close()
+        raise AttAttrError(f"{directory}: the manifest does not record the model's layer count and separator "
+                           "token (written by an older attattr-fast); attribute again to draw graphs")
+    return model["n_layers"], model["sep_token"]
+
+
 def _from_results(args, index: int) -> dict:
     from attattr_fast.graph import check_all_layers
 
     results = _load_records(args.results)
+    model_layers, sep_token = _model_facts(results, args.results)
     try:
         # --index is the example's input position, as `attribute` prints it; an unfinished run may lack some
         indices = list(results.indices)
@@ -121,8 +132,9 @@ def _from_results(args, index: int) -> dict:
         results.close()
     if record.layer_attr is None:
         raise AttAttrError(f"example {index} of {args.results} has no layer matrices")
-    check_all_layers(record.layers)
-    return {"index": index, "tokens": record.tokens, "text": record.text, "text_pair": record.text_pair,
+    check_all_layers(record.layers, model_layers)
+    return {"index": index, "sep_token": sep_token,
+            "tokens": record.tokens, "text": record.text, "text_pair": record.text_pair,
             "target": record.target, "target_label": record.target_label, "prob": record.prob,
             "layer_attr": record.layer_attr, "attention": record.attention, "attributions": record.attributions,
             "source": str(args.results)}  # fmt: skip
@@ -151,7 +163,8 @@ def _from_text(args, per_head: bool) -> dict:
     res = aa.attribute(enc.input_ids, enc.attention_mask, enc.token_type_ids, target=target, n_steps=steps,
                        method=args.quadrature, output="full" if per_head else "reduced")  # fmt: skip
     t = int(res.target[0])
-    return {"index": 0, "tokens": enc.tokens[0], "text": args.text, "text_pair": args.text_pair, "target": t,
+    return {"index": 0, "sep_token": tokenizer.sep_token,
+            "tokens": enc.tokens[0], "text": args.text, "text_pair": args.text_pair, "target": t,
             "target_label": (getattr(config, "id2label", None) or {}).get(t, str(t)), "prob": float(res.prob[0]),
             "layer_attr": res.layer_attr[0], "source": "--text",
             "attention": None if res.attention is None else res.attention[0],
@@ -171,7 +184,7 @@ def _write_graph(example: dict, options: dict, out: Path, fmt: str) -> int:
     from attattr_fast import graph_draw
     from attattr_fast.graph import attention_edges, build_graph, graph_to_json
 
-    graph = build_graph(example["layer_attr"], example["tokens"], **options)
+    graph = build_graph(example["layer_attr"], example["tokens"], **options, sep_token=example["sep_token"])
     prediction = f"target {example['target_label']} (class {example['target']}), p = {example['prob']:.3f}"
     if fmt == "json":
         data = graph_to_json(graph, text=example["text"], text_pair=example["text_pair"], target=example["target"],
@@ -205,12 +218,13 @@ def _receptive_field(args, options: dict) -> int:
     out, fmt = _output(args, "receptive_field", FIELD_FORMATS)
     graphs = []
     results = _load_records(args.results)
+    model_layers, sep_token = _model_facts(results, args.results)
     try:
         for record in results:
             if record.layer_attr is None:
                 raise AttAttrError(f"example {record.index} of {args.results} has no layer matrices")
-            check_all_layers(record.layers)
-            graphs.append(build_graph(record.layer_attr, record.tokens, **options))
+            check_all_layers(record.layers, model_layers)
+            graphs.append(build_graph(record.layer_attr, record.tokens, **options, sep_token=sep_token))
     finally:
         results.close()
     field = receptive_field(graphs)
