@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import hashlib
+import json
 import logging
 import sys
 import time
@@ -86,6 +87,13 @@ def model_fingerprint(model: torch.nn.Module) -> str:
         digest.update(f"{name}:{tuple(value.shape)}:{value.dtype};".encode())
         digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
+
+
+def config_fingerprint(config) -> str:
+    """sha256 of the model config's settings (activation, epsilon, label names, …), not where it was loaded from
+    or which transformers version wrote it."""
+    settings = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def encoded_fingerprint(encoded: Encoded) -> str:
@@ -340,10 +348,10 @@ class CorpusStats:
 
 
 def describe_model(name: str, model: torch.nn.Module, tokenizer) -> dict[str, Any]:
-    """The manifest's model entry: the name given, the weights' sha256 (what a resume compares), the number of
-    encoder layers and the tokenizer's separator token (what the attribution graph needs)."""
+    """The manifest's model entry: the name given, the sha256 of the weights and of the config (what a resume
+    compares), the number of encoder layers and the tokenizer's separator token (what the graph needs)."""
     return {"name": name, "class": type(model).__name__, "sha256": model_fingerprint(model),
-            "n_layers": int(model.config.num_hidden_layers),
+            "config_sha256": config_fingerprint(model.config), "n_layers": int(model.config.num_hidden_layers),
             "sep_token": tokenizer.sep_token}
 
 
@@ -403,10 +411,11 @@ def run_corpus(
     plan = plan_shards(lengths, shard_size,
                        lambda n: results.record_bytes(n, len(layers), n_heads, full),
                        SHARD_BYTES)  # fmt: skip
+    targets_sha256 = hashlib.sha256(json.dumps([None if t is None else int(t) for t in targets]).encode()).hexdigest()
     meta = {**meta, "method": options.get("method", "riemann_right"), "n_steps": options.get("n_steps", 20),
             "dtype": DTYPE_NAMES.get(options.get("dtype"), str(options.get("dtype"))), "layers": layers,
             "output": options.get("output", "full"), "top_k": top_k, "store_dtype": DTYPE_NAMES[store_dtype],
-            "shard_size": shard_size, "shard_bytes": SHARD_BYTES}  # fmt: skip
+            "shard_size": shard_size, "shard_bytes": SHARD_BYTES, "targets_sha256": targets_sha256}  # fmt: skip
     directory = Path(directory)
 
     lock = None

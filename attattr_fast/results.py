@@ -47,8 +47,8 @@ SHIFT = ".exp2"  # suffix of the power-of-two scale stored next to a float16 ten
 META_FIELDS = ("index", "tokens", "text", "text_pair", "label", "target", "target_label", "prob", "layers")
 # Settings that must match for a run to continue an existing directory (the rest, like batch size or the
 # number of processes, changes how fast it goes, not what it computes).
-RESUME_KEYS = ("model", "input", "method", "n_steps", "dtype", "layers", "output", "target", "top_k",
-               "store_dtype", "truncate", "shard_size", "shard_bytes")  # fmt: skip
+RESUME_KEYS = ("version", "model", "input", "method", "n_steps", "dtype", "layers", "output", "target",
+               "targets_sha256", "top_k", "store_dtype", "truncate", "shard_size", "shard_bytes")  # fmt: skip
 _SHARD_FILE = re.compile(r"^(shard-\d{5,})\.(safetensors|jsonl|commit\.json)$")
 _TMP_FILE = re.compile(r"^\..+\.tmp-\d+$")
 
@@ -56,11 +56,17 @@ _TMP_FILE = re.compile(r"^\..+\.tmp-\d+$")
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary file in the same directory and a rename."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:  # say which file could not be written
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
+        raise
 
 
 def sha256_file(path: Path) -> str:
@@ -208,7 +214,8 @@ def read_commits(directory: Path) -> tuple[dict[str, dict[str, Any]], dict[str, 
 
 def _describe(key: str, value: Any) -> str:
     if key == "model" and isinstance(value, dict):
-        return f"{value.get('name')} (weights sha256 {str(value.get('sha256'))[:12]})"
+        config = f", config sha256 {value['config_sha256'][:12]}" if value.get("config_sha256") else ""
+        return f"{value.get('name')} (weights sha256 {str(value.get('sha256'))[:12]}{config})"
     if key == "input" and isinstance(value, dict):
         what = value.get("path") or f"{value.get('texts')} --text arguments"
         return f"{what} (sha256 {str(value.get('sha256'))[:12]}, {value.get('n_examples')} examples)"
@@ -217,7 +224,7 @@ def _describe(key: str, value: Any) -> str:
 
 def _identity(key: str, value: Any) -> Any:
     if key == "model" and isinstance(value, dict):
-        return value.get("sha256")
+        return value.get("sha256"), value.get("config_sha256")
     if key == "input" and isinstance(value, dict):
         return value.get("sha256"), value.get("encoded_sha256"), value.get("n_examples")
     return value
@@ -225,6 +232,9 @@ def _identity(key: str, value: Any) -> Any:
 
 def check_same_run(directory: Path, old: dict[str, Any], meta: dict[str, Any]) -> None:
     """Refuse to continue `old` (a manifest) with a run whose settings differ; one line naming every difference."""
+    from attattr_fast import __version__
+
+    meta = {**meta, "version": __version__}  # shards of two versions never share a directory
     diffs = [f"{key}: {_describe(key, old.get(key))} there, {_describe(key, meta.get(key))} now"
              for key in RESUME_KEYS if _identity(key, old.get(key)) != _identity(key, meta.get(key))]  # fmt: skip
     if diffs:
@@ -276,10 +286,16 @@ def open_run_directory(directory: str | Path, meta: dict[str, Any], plan: list[l
     if directory.exists() and not directory.is_dir():
         raise AttAttrError(f"{directory} exists and is not a directory")
     names = {shard_name(p): indices for p, indices in enumerate(plan)}
-    if not directory.exists() or not any(p.name != LOCK for p in directory.iterdir()):
+    # empty, or left so by a run killed while it wrote its first manifest (the lock and temporary files)
+    if not directory.exists() or all(p.name == LOCK or _TMP_FILE.match(p.name) for p in directory.iterdir()):
         directory.mkdir(parents=True, exist_ok=True)
         lock = DirectoryLock(directory)
-        write_manifest(directory, meta, plan, {}, complete=False)
+        try:
+            _remove_leftovers(directory, set())
+            write_manifest(directory, meta, plan, {}, complete=False)
+        except BaseException:
+            lock.release()
+            raise
         return {}, lock
 
     if not (directory / MANIFEST).is_file():
@@ -395,7 +411,24 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         raise AttAttrError(f"{path} is corrupt (not valid JSON)") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or "shards" not in manifest:
         raise AttAttrError(f"{path} is not an attattr-fast manifest")
+    shards = manifest["shards"]
+    if not isinstance(shards, list) or not all(_well_formed(entry) for entry in shards):
+        raise AttAttrError(f"{path} is corrupt (its list of shards is malformed); rerun the attribute command "
+                           "into a new output directory")  # fmt: skip
     return manifest
+
+
+def _well_formed(entry: Any) -> bool:
+    """A shard entry as `write_shard` makes it: name, n, indices and line offsets, sizes and sha256 per file."""
+    def ints(value):
+        return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+    return (isinstance(entry, dict) and isinstance(entry.get("name"), str)
+            and ints(entry.get("indices")) and ints(entry.get("offsets"))
+            and len(entry["indices"]) == len(entry["offsets"]) == entry.get("n")
+            and all(isinstance(entry.get(k), dict) and set(entry[k]) == {f"{entry['name']}.safetensors",
+                                                                        f"{entry['name']}.jsonl"}
+                    for k in ("sha256", "bytes")))  # fmt: skip
 
 
 class Results(Sequence):
@@ -445,7 +478,7 @@ class Results(Sequence):
         s, pos = self._where[index]
         tensors, lines = self._shard(s)
         lines.seek(self.manifest["shards"][s]["offsets"][pos])
-        meta = json.loads(lines.readline())
+        meta = _record_meta(lines.readline(), index, self.manifest["shards"][s]["name"], self.dir)
         fields = {}
         keys = self._keys[s]
         for field in TENSOR_FIELDS:
@@ -493,6 +526,18 @@ class Results(Sequence):
             old_lines.close()
             self._keys.pop(old, None)
         return tensors, lines
+
+
+def _record_meta(line: bytes, index: int, shard: str, directory: Path) -> dict[str, Any]:
+    """The metadata line of example `index`, checked (a damaged line is an error, never a wrong record)."""
+    try:
+        meta = json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+        meta = None
+    if not isinstance(meta, dict) or set(meta) != set(META_FIELDS) or meta["index"] != index:
+        raise AttAttrError(f"shard {shard} of {directory} is damaged (the line of example {index} is unreadable); "
+                           "rerun the attribute command that wrote it, with --repair, to recompute it")
+    return meta
 
 
 def load_results(directory: str | Path, verify: bool = True) -> Results:

@@ -272,7 +272,37 @@ def test_different_model_or_input_is_refused(tmp_path, reference, corpus_file, t
     assert run_cli(*base, "--input", edited) == 2
     err = capsys.readouterr().err
     assert "different run (input:" in err and str(edited) in err, err
+    # same weights, another config: the label names swapped (and the activation, which changes every score)
+    relabelled = tmp_path / "relabelled"
+    model, tokenizer = load_classifier(tiny_model_dir)
+    model.config.id2label = {0: model.config.id2label[1], 1: model.config.id2label[0]}
+    model.config.label2id = {v: k for k, v in model.config.id2label.items()}
+    model.config.hidden_act = "relu"
+    model.save_pretrained(relabelled)
+    tokenizer.save_pretrained(relabelled)
+    assert run_cli("attribute", "--model", relabelled, "--out", out, *FAST, "--input", corpus_file) == 2
+    err = capsys.readouterr().err
+    assert "different run (model:" in err and "config sha256" in err and err.count("\n") == 1, err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_resume_with_other_targets_is_refused(tmp_path, prepared):
+    aa, corpus, _ = prepared
+    n = len(corpus.examples)
+    run_library(aa, corpus, [0] * n, tmp_path / "out")
+    with pytest.raises(AttAttrError, match="targets_sha256"):
+        run_library(aa, corpus, [1] * n, tmp_path / "out")
+
+
+def test_directory_of_a_run_killed_in_its_first_manifest_write_starts_afresh(tmp_path, reference, prepared):
+    aa, corpus, targets = prepared
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".lock").touch()
+    (out / ".manifest.json.tmp-4242").write_bytes(b'{"format": "attattr-')
+    run_library(aa, corpus, targets, out)
+    assert not list(out.glob(".*.tmp-*"))
+    assert_same_records(load_results(out), load_results(reference))
 
 
 def test_damaged_shards_are_named_and_repaired(tmp_path, reference, corpus_file, tiny_model_dir, capsys):

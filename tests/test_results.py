@@ -209,3 +209,69 @@ def test_load_results_errors(tmp_path, setup, message):
     with pytest.raises(AttAttrError) as err:
         load_results(tmp_path / "res")
     assert message in str(err.value)
+
+
+def test_failed_write_leaves_no_temporary_file_and_names_the_file(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from attattr_fast.results import atomic_write_bytes
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    target = tmp_path / "report.json"
+    with pytest.raises(OSError) as err:
+        atomic_write_bytes(target, b"{}")
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(target)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _finished(out):
+    _, lock = open_run_directory(out, META, PLAN)
+    commits = {shard_name(p): write_shard(out, shard_name(p), [make_record(i, 4) for i in indices])
+               for p, indices in enumerate(PLAN)}  # fmt: skip
+    from attattr_fast.results import write_manifest
+
+    write_manifest(out, META, PLAN, commits, complete=True)
+    lock.release()
+    return json.loads((out / "manifest.json").read_text())
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m["shards"][0].pop("indices"),
+    lambda m: m.update(shards={"a": 1}),
+    lambda m: m["shards"][1].update(offsets=[0]),
+    lambda m: m["shards"][2]["sha256"].pop("shard-00002.jsonl"),
+])  # fmt: skip
+def test_malformed_shard_list_is_a_clear_error(tmp_path, edit):
+    out = tmp_path / "res"
+    manifest = _finished(out)
+    edit(manifest)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(AttAttrError, match="list of shards is malformed"):
+        load_results(out)
+    with pytest.raises(AttAttrError, match="list of shards is malformed"):
+        open_run_directory(out, META, PLAN)
+
+
+@pytest.mark.parametrize("line", [b"{not json\n", b'{"index": 0, "extra": 1}\n'])
+def test_unverified_read_of_a_damaged_line_is_a_clear_error(tmp_path, line):
+    out = tmp_path / "res"
+    _finished(out)
+    jsonl = out / "shard-00000.jsonl"
+    jsonl.write_bytes(line + jsonl.read_bytes()[len(line):])
+    res = load_results(out, verify=False)
+    with pytest.raises(AttAttrError, match="shard-00000 .* is damaged"):
+        res[0]
+    assert load_results(out)[2].index == 2  # the other shards still read
+
+
+def test_resume_by_another_version_is_refused(tmp_path):
+    out = tmp_path / "res"
+    manifest = _finished(out)
+    manifest["version"] = "0.0.9"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(AttAttrError, match=r"version: \"0.0.9\" there"):
+        open_run_directory(out, META, PLAN)
