@@ -279,6 +279,20 @@ def test_heads_cli_writes_the_api_scores(capsys, tmp_path, tiny_model_dir):
     assert plot.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_single_class_subset_is_warned_about(capsys, tmp_path, tiny_model_dir):
+    from attattr_fast.cli.heads import load_labelled
+    from attattr_fast.models import load_classifier
+
+    path = tmp_path / "sorted.tsv"
+    path.write_text("text\tlabel\nthe film was good\tpositive\nthe film was fine\tpositive\n"
+                    "the film was bad\tnegative\n")  # fmt: skip
+    model, tokenizer = load_classifier(tiny_model_dir)
+    load_labelled(str(path), "generic", model, tokenizer, max_examples=2)
+    assert "all 2 examples of" in capsys.readouterr().err
+    load_labelled(str(path), "generic", model, tokenizer)
+    assert "same label" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, message", [
     (["--kinds", "attattr,magic"], "--kinds: unknown kind 'magic'"),
     (["--steps", "0"], "--steps must be a positive integer"),

@@ -74,6 +74,9 @@ def load_labelled(path: str | None, task: str, model, tokenizer, max_examples: i
     if max_examples is not None:
         data.examples = data.examples[:max_examples]
     labels = class_indices(data, model.config)
+    if len(set(labels)) == 1 and len(labels) > 1:  # e.g. --max-examples cut a file sorted by label
+        print(f"attattr-fast: warning: all {len(labels)} examples of {name} have the same label; accuracy and "
+              "gold-class probability against one class say little about the heads", file=sys.stderr)  # fmt: skip
     max_length = model_max_length(tokenizer, adapter_for(model).max_length)
     return encode_labelled(tokenizer, data.examples, labels, max_length=max_length), name
 
