@@ -29,13 +29,13 @@ def read_examples(path: str | Path) -> list[Example]:
     suffix = path.suffix.lower()
     try:
         if suffix in (".tsv", ".csv"):
-            with path.open(newline="", encoding="utf-8") as f:
+            with path.open(newline="", encoding="utf-8-sig") as f:
                 reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
                 records = [dict(r) for r in reader]
                 header = reader.fieldnames or []
         elif suffix in (".jsonl", ".json"):
             records = []
-            with path.open(encoding="utf-8") as f:
+            with path.open(encoding="utf-8-sig") as f:
                 for line_no, line in enumerate(f, 1):
                     if not line.strip():
                         continue
@@ -48,7 +48,7 @@ def read_examples(path: str | Path) -> list[Example]:
                     records.append(record)
             header = sorted({k for r in records for k in r})
         elif suffix == ".txt":
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = path.read_text(encoding="utf-8-sig").splitlines()
             records, header = [{"text": line} for line in lines if line.strip()], ["text"]
         else:
             raise AttAttrError(f"{path}: unknown input format {suffix!r}; use .tsv, .csv, .jsonl or .txt")
@@ -66,6 +66,8 @@ def read_examples(path: str | Path) -> list[Example]:
         if text is None or not str(text).strip():
             raise AttAttrError(f"{path}: example {i} has an empty text")
         pair = r.get("text_pair")
+        if not isinstance(text, str) or not isinstance(pair, (str, type(None))):
+            raise AttAttrError(f"{path}: example {i}: text and text_pair must be strings")
         label = r.get("label")
         examples.append(
             Example(

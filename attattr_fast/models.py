@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "electra")
 BUILTIN_NAME = "builtin:minilm-sentiment"
+# a model directory needs at least one of these (WordPiece, BPE or SentencePiece tokenizers)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "sentencepiece.bpe.model",
+                   "spiece.model")  # fmt: skip
 TEMPERATURE = 25.0
 LABEL_DESCRIPTIONS = {
     "negative": [
@@ -162,6 +165,12 @@ def load_classifier(name_or_path: str | os.PathLike | None = None, num_labels: i
         raise AttAttrError(
             f"{name!r} is a pruned classifier with {config.num_labels} classes; it cannot take a new head"
         )
+    if os.path.isdir(name) and not any(os.path.isfile(os.path.join(name, f)) for f in TOKENIZER_FILES):
+        # transformers would build an empty-vocabulary tokenizer and turn every word into [UNK]
+        raise AttAttrError(f"{name!r} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); save the "
+                           "tokenizer next to the model")  # fmt: skip
+    from safetensors import SafetensorError
+
     try:
         if pruned:  # Linear shapes differ from the config's: rebuilt from the recorded kept heads
             from attattr_fast.pruning import load_pruned
@@ -172,8 +181,9 @@ def load_classifier(name_or_path: str | os.PathLike | None = None, num_labels: i
                 name, local_files_only=True, output_loading_info=True, **kwargs
             )
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise AttAttrError(f"cannot load {name!r}: {str(exc).splitlines()[0]}") from None
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # missing, damaged or mismatched weights
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise AttAttrError(f"cannot load {name!r}: {first_line}") from None
     new_head = [k for k in info.get("missing_keys", []) if "classifier" in k or "pooler" in k]
     if new_head and num_labels is None:
         raise AttAttrError(

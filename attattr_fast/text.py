@@ -44,8 +44,10 @@ def encode(
         if text is None or not str(text).strip():
             raise AttAttrError(f"example {i}: the text is empty")
         if pair is not None and not str(pair).strip():
-            pair = None
+            raise AttAttrError(f"example {i}: the text pair is empty")
         full = tokenizer(text, pair, truncation=False, add_special_tokens=True)
+        if len(full["input_ids"]) <= tokenizer.num_special_tokens_to_add(pair=pair is not None):
+            raise AttAttrError(f"example {i}: the text has no tokens (only invisible characters?)")
         too_long = len(full["input_ids"]) > max_length
         if too_long:
             if not truncate:

@@ -65,11 +65,18 @@ def test_input_file_with_pairs_and_gold_labels(capsys, tmp_path, tiny_model_dir)
     (["--text", "good", "--model", "/nonexistent/model"], "no model at"),
     (["--input", "/nonexistent/file.tsv"], "input file not found"),
     (["--text", "good", "--text-pair", "a", "--text-pair", "b"], "one --text-pair per --text"),
+    (["--text", "good", "--text-pair", "   "], "--text-pair 1 is empty"),
+    (["--text", "\u200b"], "has no tokens"),
+    (["--input", "DATA", "--text-pair", "bad"], "--text-pair goes with --text"),
+    (["--text", "good", "--device", "meta"], "is not supported; use cpu, cuda"),
 ])  # fmt: skip
 def test_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, tiny_model_dir, args, message):
     out = tmp_path / "res"
     if "--model" not in args:
         args = [*args, "--model", str(tiny_model_dir)]
+    if "DATA" in args:
+        (tmp_path / "data.txt").write_text("good\n")
+        args = [str(tmp_path / "data.txt") if a == "DATA" else a for a in args]
     code, _, err = run_cli(capsys, "attribute", *args, "--out", str(out))
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("attattr-fast: error:") and message in err, err
@@ -83,6 +90,7 @@ def test_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, tiny_model_d
     ("blank.tsv", "text\tlabel\n \tpositive\n", "empty text"),
     ("labels.tsv", "text\tlabel\ngood film\tneutral\n", "unknown label 'neutral'"),
     ("data.xml", "<text/>", "unknown input format"),
+    ("list.jsonl", '{"text": ["a"]}\n', "must be strings"),
 ])  # fmt: skip
 def test_malformed_input_files(capsys, tmp_path, tiny_model_dir, name, content, message):
     path = tmp_path / name
@@ -92,6 +100,28 @@ def test_malformed_input_files(capsys, tmp_path, tiny_model_dir, name, content, 
                            "--out", str(out))  # fmt: skip
     assert code == 2 and message in err and err.count("\n") == 1, err
     assert not out.exists()
+
+
+def test_tsv_with_a_byte_order_mark_reads(tmp_path):
+    from attattr_fast.datasets import read_examples
+
+    path = tmp_path / "excel.tsv"
+    path.write_bytes("text\tlabel\ngood film\tpositive\n".encode("utf-8-sig"))
+    assert [(e.text, e.label) for e in read_examples(path)] == [("good film", "positive")]
+
+
+def test_damaged_weights_and_missing_tokenizer_are_one_line(capsys, tmp_path, tiny_model_dir):
+    import shutil
+
+    damaged, bare = tmp_path / "damaged", tmp_path / "bare"
+    shutil.copytree(tiny_model_dir, damaged)
+    (damaged / "model.safetensors").write_bytes(b"\xff" * 64)
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_model_dir / name, bare / name)
+    for model, message in ((damaged, "cannot load"), (bare, "has no tokenizer files")):
+        code, _, err = run_cli(capsys, "attribute", "--model", str(model), "--text", "good")
+        assert code == 2 and err.startswith("attattr-fast: error:") and message in err and err.count("\n") == 1, err
 
 
 def test_unsupported_family(capsys, tmp_path):

@@ -72,6 +72,8 @@ def _examples(args):
     from attattr_fast.datasets import Example, read_examples
 
     if args.input is not None:
+        if args.text_pair:
+            raise AttAttrError("--text-pair goes with --text; in an --input file give a text_pair column")
         path = Path(args.input)
         examples = read_examples(path)
         return examples, {"path": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
@@ -82,6 +84,8 @@ def _examples(args):
     for i, e in enumerate(examples):
         if not e.text.strip():
             raise AttAttrError(f"--text {i + 1} is empty")
+        if e.text_pair is not None and not e.text_pair.strip():
+            raise AttAttrError(f"--text-pair {i + 1} is empty")
     texts = json.dumps([[e.text, e.text_pair] for e in examples], ensure_ascii=False).encode("utf-8")
     return examples, {"texts": len(examples), "sha256": hashlib.sha256(texts).hexdigest()}
 

@@ -101,8 +101,12 @@ def parse_device(value: str | None) -> torch.device:
         device = torch.device(value)
     except RuntimeError:
         raise AttAttrError(f"--device: unknown device {value!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise AttAttrError(f"--device: {value!r} is not supported; use cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise AttAttrError("--device: CUDA was requested but no CUDA device is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise AttAttrError(f"--device: {value!r}, but there are {torch.cuda.device_count()} CUDA devices")
     return device
 
 
