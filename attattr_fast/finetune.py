@@ -131,7 +131,8 @@ def finetune(
         p.requires_grad_(True)
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
-    warmup_steps = math.ceil(config.warmup_ratio * total_steps)
+    # the schedule's first step has rate 0, so a run of one step takes no warm-up
+    warmup_steps = min(math.ceil(config.warmup_ratio * total_steps), total_steps - 1)
     optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.learning_rate)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_linear_factor(step, total_steps, warmup_steps)

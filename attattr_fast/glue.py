@@ -91,7 +91,11 @@ def _read_rows(path: Path) -> list[list[str]]:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise AttAttrError(f"{path}: not UTF-8 text") from None
-    return [line.split("\t") for line in text.splitlines()]
+    # only \n (and \r\n) end a row: str.splitlines would also break at U+2028, \x85, \x0c, … inside a text
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r").split("\t") for line in lines]
 
 
 def read_glue(path: str | Path, task: str) -> TaskData:
@@ -132,7 +136,7 @@ def read_glue(path: str | Path, task: str) -> TaskData:
         line = first_line + offset
         if not any(field.strip() for field in row):
             continue
-        if len(row) < width:
+        if len(row) != width:  # a stray tab inside a text would shift the columns
             raise AttAttrError(f"{path}:{line}: {len(row)} tab-separated fields, expected {width} for {spec.name}")
         text = row[text_col].strip()
         pair = None if pair_col is None else row[pair_col].strip()
@@ -200,7 +204,7 @@ def class_indices(data: TaskData, config) -> list[int]:
     indices = []
     for i, example in enumerate(data.examples):
         if example.label is None:
-            raise AttAttrError(f"example {i} has no label")
+            raise AttAttrError(f"{data.task} example {i} has no label (labelled data is needed here, not a test split)")
         if data.labels is None:
             indices.append(label_index(example.label, label2id, num_labels))
             continue

@@ -159,7 +159,8 @@ def load_classifier(name_or_path: str | os.PathLike | None = None, num_labels: i
         raise UnsupportedModelError(
             f"unsupported model family {config.model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
-    kwargs = {} if num_labels is None else {"num_labels": num_labels}
+    # a new head of another size replaces a trained one (fine-tuning a classifier for another task)
+    kwargs = {} if num_labels is None else {"num_labels": num_labels, "ignore_mismatched_sizes": True}
     pruned = getattr(config, KEPT_HEADS_CONFIG_KEY, None) is not None
     if pruned and num_labels is not None and num_labels != config.num_labels:
         raise AttAttrError(

@@ -32,6 +32,15 @@ def test_warmup_then_linear_decay_by_hand():
     assert warmup_linear_factor(0, 5, 0) == 1.0
 
 
+def test_a_single_step_run_changes_the_weights(tmp_path, tiny_model_dir):
+    # ten percent warm-up of one step would leave that step at rate 0
+    model, tokenizer = load_classifier(tiny_model_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = _encoded(model, tokenizer, _sst2_file(tmp_path / "train.tsv", 4))
+    finetune(model, data, config=FinetuneConfig(epochs=1, batch_size=8, learning_rate=1e-2), progress=False)
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_biases_and_layer_norm_weights_are_not_decayed(tiny_model_dir):
     model, _ = load_classifier(tiny_model_dir)
     decay, no_decay = parameter_groups(model, 0.01)
@@ -78,6 +87,21 @@ def test_bad_configs(tiny_model_dir, tmp_path, config, message):
         finetune(model, train, None, config, progress=False)
 
 
+def test_finetune_cli_replaces_a_head_of_another_size_and_caps_the_length(capsys, tmp_path, tiny_model_dir):
+    rows = [f"{i}\t1\t{i}e\tfiction\tx\ty\tx\ty\tthe film was good\t{'good ' * (150 if i == 0 else 2)}\t{gold}"
+            for i, gold in enumerate(["entailment", "neutral", "contradiction"])]  # fmt: skip
+    header = "index\tpromptID\tpairID\tgenre\ts1b\ts2b\ts1p\ts2p\tsentence1\tsentence2\tgold_label"
+    train = tmp_path / "train.tsv"
+    train.write_text("\n".join([header, *rows]) + "\n")
+    out = tmp_path / "tuned"
+    code = main(["finetune", "--model", str(tiny_model_dir), "--train", str(train), "--task", "mnli", "--out", str(out),
+                 "--epochs", "1", "--max-length", "1000"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 0 and "--max-length 1000 is more than the model takes; using 160" in err, err
+    model, _ = load_classifier(out)
+    assert model.config.num_labels == 3 and model.classifier.out_features == 3
+
+
 def test_finetune_cli_saves_a_loadable_model(capsys, tmp_path, tiny_model_dir):
     train, dev = _sst2_file(tmp_path / "train.tsv", 16), _sst2_file(tmp_path / "dev.tsv", 8, offset=16)
     out = tmp_path / "tuned"
@@ -104,6 +128,10 @@ def test_finetune_cli_saves_a_loadable_model(capsys, tmp_path, tiny_model_dir):
     (["--task", "stsb"], "no 'sentence1' column for task stsb"),
     (["--eval", "BAD_EVAL"], "unknown sst2 label '7'"),
     (["--out", "NONEMPTY"], "exists and is not an empty directory"),
+    (["--seed", "²"], "--seed must be an integer"),
+    (["--seed", str(2**64)], "--seed must be an integer"),
+    (["--labels", "0,1"], "sst2 has its own label names"),
+    (["--task", "generic", "--train", "ONE_CLASS"], "needs at least 2 labels"),
 ])  # fmt: skip
 def test_finetune_cli_errors_are_one_line_and_write_nothing(capsys, tmp_path, tiny_model_dir, args, message):
     train = _sst2_file(tmp_path / "train.tsv", 8)
@@ -113,7 +141,11 @@ def test_finetune_cli_errors_are_one_line_and_write_nothing(capsys, tmp_path, ti
     nonempty.mkdir()
     (nonempty / "x").write_text("x")
     out = tmp_path / "tuned"
-    args = [str(bad_eval) if a == "BAD_EVAL" else str(nonempty) if a == "NONEMPTY" else a for a in args]
+    one_class = tmp_path / "bad.tsv" if "ONE_CLASS" in args else None
+    if one_class is not None:
+        one_class.write_text("text\tlabel\ngood\tpositive\ngreat\tpositive\n")
+    args = [str(bad_eval) if a == "BAD_EVAL" else str(nonempty) if a == "NONEMPTY" else str(one_class)
+            if a == "ONE_CLASS" else a for a in args]  # fmt: skip
     full = ["finetune", "--model", str(tiny_model_dir), "--train", str(train), "--task", "sst2", "--out", str(out)]
     code = main(full + args)
     err = capsys.readouterr().err

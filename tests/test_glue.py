@@ -79,6 +79,8 @@ def test_rte_qnli_mrpc_qqp_stsb_cola_layouts(tmp_path):
     (["index\tsentence1\tsentence2\tlabel", "0\ta"], "rte", ":2: 2 tab-separated fields, expected 4"),
     (["index\tsentence1\tsentence2\tlabel", "0\ta\t \tentailment"], "rte", ":2: empty text"),
     (["gj04\t1\tHello."], "cola", ":1: 3 tab-separated fields, expected 4"),
+    (["gj04\t1\t\tHe said\tyes."], "cola", ":1: 5 tab-separated fields, expected 4"),  # a tab inside the text
+    (["sentence\tlabel", "good\t1\textra"], "sst2", ":2: 3 tab-separated fields, expected 2"),
     (["sentence\tlabel"], "sst2", "no examples"),
     (["sentence\tlabel", "a\t1"], "glue9", "unknown task 'glue9'"),
     ([MNLI_HEADER.replace("gold_label", "gold"), _mnli_row(0, "a", "b", "neutral")], "mnli", None),
@@ -91,6 +93,13 @@ def test_errors_name_the_file_line_and_problem(tmp_path, lines, task, message):
     with pytest.raises(AttAttrError) as info:
         read_glue(path, task)
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_only_newlines_end_rows(tmp_path):
+    # U+2028, NEL and form feed are characters of a text, not line ends; CRLF files read the same
+    path = tmp_path / "train.tsv"
+    path.write_bytes("sentence\tlabel\r\nfoo\x85bar\u2028baz\x0cqux\t1\r\n".encode())
+    assert [(e.text, e.label) for e in read_glue(path, "sst2").examples] == [("foo\x85bar\u2028baz\x0cqux", "1")]
 
 
 def test_missing_file_and_non_utf8(tmp_path):

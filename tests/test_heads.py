@@ -300,6 +300,7 @@ def test_single_class_subset_is_warned_about(capsys, tmp_path, tiny_model_dir):
     (["--task", "sst9", "--input", "DATA"], "unknown task 'sst9'"),
     (["--input", "MISSING"], "input file not found"),
     (["--task", "sst2"], "needs an input file"),
+    (["--plot", "heads.txt"], "name the picture .png, .svg, .pdf"),
 ])  # fmt: skip
 def test_heads_cli_errors_are_one_line_and_write_nothing(capsys, tmp_path, tiny_model_dir, args, message):
     data = _labelled_tsv(tmp_path / "data.tsv")

@@ -164,7 +164,9 @@ def test_prune_cli_curves_figures_and_saved_model(capsys, tmp_path, tiny_model_d
     (["--by", "luck", "--fraction", "0.5"], "--by: unknown kind 'luck'"),
     (["--fractions", "0,x"], "--fractions: 'x' is not a number"),
     (["--importance-examples", "16"], "cannot take 16 of 16"),
-    (["--seed", "-1"], "--seed must be a non-negative integer"),
+    (["--seed", "-1"], "--seed must be an integer in [0, 2^63)"),
+    (["--seed", "²"], "--seed must be an integer in [0, 2^63)"),
+    (["--plot", "curves.txt"], "name the picture .png, .svg, .pdf"),
 ])  # fmt: skip
 def test_prune_cli_errors_are_one_line_and_write_nothing(capsys, tmp_path, tiny_model_dir, args, message):
     data = _labelled_tsv(tmp_path / "data.tsv", n=16)

@@ -29,6 +29,16 @@ def add_attribution_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", default="8", help="examples per engine call (default 8)")
 
 
+def parse_seed(value: str, name: str = "--seed") -> int:
+    try:
+        seed = int(value)
+    except (TypeError, ValueError):
+        seed = -1
+    if not 0 <= seed < 2**63:
+        raise AttAttrError(f"{name} must be an integer in [0, 2^63), got {value!r}")
+    return seed
+
+
 def parse_positive_int(value: str, name: str) -> int:
     try:
         number = int(value)
@@ -39,12 +49,18 @@ def parse_positive_int(value: str, name: str) -> int:
     return number
 
 
-def check_output_path(value: str | None, option: str, directory: bool = False) -> Path | None:
+IMAGE_FORMATS = ("png", "svg", "pdf")
+
+
+def check_output_path(value: str | None, option: str, directory: bool = False, image: bool = False) -> Path | None:
     """An output path that can be written, checked before any work so that nothing runs for nothing.
-    A file needs an existing, writable folder; a directory (made with its parents) a writable ancestor."""
+    A file needs an existing, writable folder; a directory (made with its parents) a writable ancestor;
+    an image (`image`) a .png, .svg or .pdf name."""
     if value is None:
         return None
     path = Path(value)
+    if image and path.suffix.lstrip(".").lower() not in IMAGE_FORMATS:
+        raise AttAttrError(f"{option} {value}: name the picture .{', .'.join(IMAGE_FORMATS)}")
     if path.is_dir() and not directory:
         raise AttAttrError(f"{option} {value} is a directory")
     if path.exists() and directory and not path.is_dir():

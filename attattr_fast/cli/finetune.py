@@ -49,13 +49,13 @@ def _float(value: str, option: str) -> float:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from attattr_fast.adapters import adapter_for
     from attattr_fast.finetune import FinetuneConfig, finetune
     from attattr_fast.glue import class_indices, label_set, read_task
     from attattr_fast.heads import encode_labelled
     from attattr_fast.models import builtin_model_path, load_classifier, save_classifier
+    from attattr_fast.text import model_max_length
 
-    if not args.seed.isdigit():
-        raise AttAttrError(f"--seed must be a non-negative integer, got {args.seed!r}")
     config = FinetuneConfig(
         learning_rate=_float(args.lr, "--lr"),
         epochs=common.parse_positive_int(args.epochs, "--epochs"),
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         warmup_ratio=_float(args.warmup, "--warmup"),
         weight_decay=_float(args.weight_decay, "--weight-decay"),
         max_length=common.parse_positive_int(args.max_length, "--max-length"),
-        seed=int(args.seed),
+        seed=common.parse_seed(args.seed),
     )
     config.check()
     out = common.check_output_path(args.out, "--out", directory=True)
@@ -72,8 +72,12 @@ def run(args: argparse.Namespace) -> int:
     device = common.parse_device(args.device)
     train_data = read_task(args.train, args.task)
     eval_data = None if args.eval is None else read_task(args.eval, args.task)
+    if args.labels is not None and args.task != "generic":
+        raise AttAttrError(f"--labels orders the classes of generic data; {args.task} has its own label names")
     given = None if args.labels is None else [x.strip() for x in args.labels.split(",") if x.strip()]
     labels, names = label_set(train_data, given)
+    if len(labels) < 2:
+        raise AttAttrError(f"{args.train}: a classifier needs at least 2 labels, the data has only {', '.join(labels)}")
     if eval_data is not None:
         label_set(eval_data, list(labels))  # every held-out label must be one of the training labels
 
@@ -83,6 +87,11 @@ def run(args: argparse.Namespace) -> int:
     model.config.id2label = dict(enumerate(names))
     model.config.label2id = {name: i for i, name in enumerate(names)}
     model.to(device)
+    limit = model_max_length(tokenizer, adapter_for(model).max_length)
+    if config.max_length > limit:
+        print(f"attattr-fast: note: --max-length {config.max_length} is more than the model takes; using {limit}",
+              file=sys.stderr)  # fmt: skip
+        config.max_length = limit
     encoded = []
     for data in (train_data, eval_data):
         if data is None:

@@ -116,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
     from attattr_fast.results import atomic_write_bytes
 
     kinds = parse_kinds(args.kinds)
-    out, plot, scatter = (common.check_output_path(getattr(args, o), f"--{o}") for o in ("out", "plot", "scatter"))
+    out = common.check_output_path(args.out, "--out")
+    plot, scatter = (common.check_output_path(getattr(args, o), f"--{o}", image=True) for o in ("plot", "scatter"))
     if scatter is not None and args.compare_input is None:
         raise AttAttrError("--scatter needs --compare-input")
     max_examples = _max_examples(args.max_examples)

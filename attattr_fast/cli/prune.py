@@ -93,9 +93,7 @@ def run(args: argparse.Namespace) -> int:
     fractions = tuple(parse_fraction(f.strip(), "--fractions") for f in args.fractions.split(",") if f.strip())
     if not fractions:
         raise AttAttrError("--fractions is empty")
-    if not args.seed.isdigit():
-        raise AttAttrError(f"--seed must be a non-negative integer, got {args.seed!r}")
-    seed = int(args.seed)
+    seed = common.parse_seed(args.seed)
     fraction = None if args.fraction is None else parse_fraction(args.fraction, "--fraction")
     if args.by not in heads.KINDS:
         raise AttAttrError(f"--by: unknown kind {args.by!r}; choose from {', '.join(heads.KINDS)}")
@@ -107,8 +105,9 @@ def run(args: argparse.Namespace) -> int:
     save = None if args.save is None else Path(args.save)
     if save is not None and save.exists() and (not save.is_dir() or any(save.iterdir())):
         raise AttAttrError(f"--save {save} exists and is not an empty directory")
-    out_json, plot, layer_plot = (common.check_output_path(value, option) for value, option in (
-        (args.json, "--json"), (args.plot, "--plot"), (args.layer_plot, "--layer-plot")))
+    out_json = common.check_output_path(args.json, "--json")
+    plot, layer_plot = (common.check_output_path(value, option, image=True) for value, option in (
+        (args.plot, "--plot"), (args.layer_plot, "--layer-plot")))
     common.check_output_path(args.save, "--save", directory=True)
     repeats = common.parse_positive_int(args.timing_repeats, "--timing-repeats")
     max_examples = None if args.max_examples is None else common.parse_positive_int(args.max_examples,
