@@ -510,15 +510,13 @@ class Results(Sequence):
         if self.verify and s not in self._verified:
             problem = shard_problem(self.dir, entry)
             if problem:
-                raise AttAttrError(f"shard {name} of {self.dir} is damaged ({problem}); rerun the attribute command "
-                                   "that wrote it, with --repair, to recompute it")  # fmt: skip
+                raise _damaged_shard(name, self.dir, f"is damaged ({problem})")
             self._verified.add(s)
         try:
             tensors = safe_open(str(self.dir / f"{name}.safetensors"), framework="pt")
             lines = open(self.dir / f"{name}.jsonl", "rb")
         except (SafetensorError, OSError) as exc:
-            raise AttAttrError(f"shard {name} of {self.dir} cannot be read ({exc}); rerun the attribute command "
-                               "that wrote it, with --repair, to recompute it") from None
+            raise _damaged_shard(name, self.dir, f"cannot be read ({exc})") from None
         self._keys[s] = set(tensors.keys())
         self._open[s] = (tensors, lines)
         if len(self._open) > self.OPEN_SHARDS:
@@ -535,9 +533,14 @@ def _record_meta(line: bytes, index: int, shard: str, directory: Path) -> dict[s
     except (ValueError, UnicodeDecodeError):
         meta = None
     if not isinstance(meta, dict) or set(meta) != set(META_FIELDS) or meta["index"] != index:
-        raise AttAttrError(f"shard {shard} of {directory} is damaged (the line of example {index} is unreadable); "
-                           "rerun the attribute command that wrote it, with --repair, to recompute it")
+        raise _damaged_shard(shard, directory, f"is damaged (the line of example {index} is unreadable)")
     return meta
+
+
+def _damaged_shard(name: str, directory: Path, what: str) -> AttAttrError:
+    """The reader's error for a shard it cannot use, with the way to recompute it."""
+    return AttAttrError(f"shard {name} of {directory} {what}; rerun the attribute command that wrote it, "
+                        "with --repair, to recompute it")
 
 
 def load_results(directory: str | Path, verify: bool = True) -> Results:

@@ -110,7 +110,6 @@ def _model_facts(results, directory: str) -> tuple[int, str]:
     """(encoder layers, separator token) of the model that wrote `results`, from its manifest."""
     model = results.manifest.get("model")
     if not isinstance(model, dict) or not isinstance(model.get("n_layers"), int) or not model.get("sep_token"):
-        results.close()
         raise AttAttrError(f"{directory}: the manifest does not record the model's layer count and separator "
                            "token (written by an older attattr-fast); attribute again to draw graphs")
     return model["n_layers"], model["sep_token"]
@@ -120,8 +119,8 @@ def _from_results(args, index: int) -> dict:
     from attattr_fast.graph import check_all_layers
 
     results = _load_records(args.results)
-    model_layers, sep_token = _model_facts(results, args.results)
     try:
+        model_layers, sep_token = _model_facts(results, args.results)
         # --index is the example's input position, as `attribute` prints it; an unfinished run may lack some
         indices = list(results.indices)
         if index not in indices:
@@ -218,8 +217,8 @@ def _receptive_field(args, options: dict) -> int:
     out, fmt = _output(args, "receptive_field", FIELD_FORMATS)
     graphs = []
     results = _load_records(args.results)
-    model_layers, sep_token = _model_facts(results, args.results)
     try:
+        model_layers, sep_token = _model_facts(results, args.results)
         for record in results:
             if record.layer_attr is None:
                 raise AttAttrError(f"example {record.index} of {args.results} has no layer matrices")
