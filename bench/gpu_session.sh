@@ -3,9 +3,11 @@
 # pytest-benchmark; no internet). In order, each step bounded so the whole run ends within $BUDGET seconds
 # (default 560, inside the device tool's 10-minute call):
 #   1. install this checkout without dependencies (editable, no build isolation: nothing to download)
-#   2. the GPU tests (kernel vs torch ops, int64 offsets, engine triton vs torch) and the engine tests on CUDA
-#   3. bench_kernel.py at n = 128, 512, 2048, float32 and bf16
-#   4. bench_compare.py workload (a); then (b) and (c) if time is left
+#   2. the GPU-marked tests (kernel vs torch ops, int64 offsets, engine triton vs torch)
+#   3. bench_compare.py on $WORKLOADS (default a), $COMPARE_ARGS passed on
+#   4. profile_engine.py (the device's matmul ceilings; where the engine's GPU time goes)
+#   5. bench_kernel.py at n = 128, 512, 2048, float32 and bf16
+# STEPS (default "tests compare profile kernel") picks steps; every step's log goes to $OUT too.
 # Results land in bench/results/ (commit them) and are copied to $OUT when it is set (the device tool).
 #
 #     bash bench/gpu_session.sh            # on the device: run(command="bash bench/gpu_session.sh", timeout_s=600)
@@ -17,6 +19,8 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 python=${PYTHON:-python3}
 results=bench/results
 budget=${BUDGET:-560}
+steps=${STEPS:-tests compare profile kernel}
+out=${OUT:-/tmp/gpu_session}; mkdir -p "$out"
 log() { echo "== $(date +%H:%M:%S) [${SECONDS}s] $*"; }
 # step LIMIT CMD...: run CMD for at most LIMIT seconds and never past the budget; skip it when < 30 s are left
 step() {
@@ -24,7 +28,8 @@ step() {
     ((left < 30)) && { log "skipped (budget spent): $*"; return 0; }
     timeout $((limit < left ? limit : left)) "$@"
 }
-copy_out() { [[ -n "${OUT:-}" ]] && cp "$results"/h[0-9]*.json "$OUT"/ 2>/dev/null; true; }
+copy_out() { cp "$results"/h[0-9]*.json "$out"/ 2>/dev/null; true; }
+want() { [[ " $steps " == *" $1 "* ]]; }
 
 log "install"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -33,16 +38,25 @@ fi
 $python -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 
-log "GPU tests"
-step 150 $python -m pytest -q tests/test_kernels.py tests/test_engine.py 2>&1 | tail -15
-
-log "kernel benchmark"
-step 120 $python bench/bench_kernel.py
-copy_out
-
-for workload in a b c; do
-    log "bench_compare workload $workload"
-    step 300 $python bench/bench_compare.py --workloads "$workload"
+if want tests; then
+    log "GPU tests"
+    step 60 $python -m pytest -q -m gpu tests/ 2>&1 | tee "$out/tests.log" | tail -15
+fi
+if want compare; then
+    for workload in ${WORKLOADS:-a}; do
+        log "bench_compare workload $workload"
+        step 240 $python bench/bench_compare.py --workloads "$workload" ${COMPARE_ARGS:-} 2>&1 | tee "$out/compare-$workload.log"
+        copy_out
+    done
+fi
+if want profile; then
+    log "profile"
+    step 90 $python bench/profile_engine.py ${PROFILE_ARGS:-} 2>&1 | tee "$out/profile.log" | tail -60
     copy_out
-done
+fi
+if want kernel; then
+    log "kernel benchmark"
+    step 45 $python bench/bench_kernel.py 2>&1 | tee "$out/kernel.log" | tail -20
+    copy_out
+fi
 log "done"

@@ -1,0 +1,179 @@
+"""Where the engine's time goes on workload (a) (issue 4's profile evidence), and the device's ceilings.
+
+One engine call on the workload-(a) examples of bench_compare (BERT-base shape, random weights, all 12 layers,
+full output) under torch.profiler, per (backend, dtype, rule) case. Per case: wall time, the summed GPU kernel
+time and its share of the wall (the rest is the GPU waiting on the host: launches, syncs, Python), kernel
+launches, host syncs, GPU time by category (matmuls, attention, the Triton reduction, copies, element-wise and
+normalisation) and the top kernels. Before that, the ceilings measured on this device: a large bf16 and a
+float32 matrix product, and bf16 products at the engine's own shapes (rows·n tokens × 768 → 768/3072).
+
+    python bench/profile_engine.py                 # GPU: 256 examples (a), bf16 and float32, triton, rr 20 + gl 3
+    python bench/profile_engine.py --quick         # CPU smoke test: small shape, 4 examples, CPU activity only
+
+Writes bench/results/<device>-profile_engine[-quick].json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import bench_compare  # noqa: E402
+import common  # noqa: E402
+
+from attattr_fast import AttentionAttribution  # noqa: E402
+
+# Kernel-name substrings per category, first match wins (lower-cased names).
+CATEGORIES = (
+    ("attribution_reduce (triton)", ("attribution", "_attr_", "reduce_kernel")),
+    ("attention (sdpa/flash)", ("flash", "fmha", "attention", "efficient_attention", "sdpa")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "sm90", "sm80", "wgmma", "matmul", "cublas")),
+    ("softmax", ("softmax",)),
+    ("layer norm", ("layer_norm", "layernorm")),
+    ("copy / cat / index", ("copy", "cat", "index", "gather", "scatter", "memcpy", "memset", "fill")),
+    ("reduce", ("reduce",)),
+)
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    for label, keys in CATEGORIES:
+        if any(k in low for k in keys):
+            return label
+    return "element-wise / other"
+
+
+def matmul_ceiling(device, dtype, m: int, k: int, n: int, repeats: int = 20) -> float:
+    """TFLOP/s of an m×k @ k×n product (median of `repeats`, random data, after warm-up)."""
+    a = torch.randn(m, k, device=device, dtype=dtype)
+    b = torch.randn(k, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * m * k * n / float(np.median(times)) / 1e12
+
+
+def ceilings(device) -> dict:
+    out = {"float32_matmul_precision": torch.get_float32_matmul_precision()}
+    out["bf16 8192^3"] = matmul_ceiling(device, torch.bfloat16, 8192, 8192, 8192)
+    out["float32 8192^3"] = matmul_ceiling(device, torch.float32, 8192, 8192, 8192, repeats=5)
+    for tokens in (4096, 16384, 65536):  # rows × n tokens of one engine chunk
+        out[f"bf16 {tokens}x768 @ 768x768"] = matmul_ceiling(device, torch.bfloat16, tokens, 768, 768)
+        out[f"bf16 {tokens}x768 @ 768x3072"] = matmul_ceiling(device, torch.bfloat16, tokens, 768, 3072)
+    for key, value in out.items():
+        if key != "float32_matmul_precision":
+            print(f"  ceiling {key}: {value:.0f} TFLOP/s")
+    return out
+
+
+def profile_case(call, device, flops: float) -> dict:
+    call()  # warm-up (Triton compilation, cuBLAS handles)
+    common.synchronize(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        call()
+        common.synchronize(device)
+        wall = time.perf_counter() - t0
+    by_cat, kernels, launches, syncs = defaultdict(float), defaultdict(lambda: [0.0, 0]), 0, 0
+    for evt in prof.events():
+        name = evt.name
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            us = evt.time_range.elapsed_us()
+            by_cat[category(name)] += us
+            kernels[name][0] += us
+            kernels[name][1] += 1
+        elif name in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx"):
+            launches += 1
+        elif name in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "cudaEventSynchronize"):
+            syncs += 1
+    gpu_s = sum(by_cat.values()) / 1e6
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:15]
+    return {
+        "wall_s": wall, "gpu_kernel_s": gpu_s, "gpu_busy_fraction": gpu_s / wall if device.type == "cuda" else None,
+        "tflops_wall": flops / wall / 1e12, "tflops_gpu_busy": flops / gpu_s / 1e12 if gpu_s else None,
+        "kernel_launches": launches, "host_syncs_and_copies": syncs,
+        "gpu_seconds_by_category": {k: v / 1e6 for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
+        "top_kernels": [{"name": n[:160], "gpu_s": t / 1e6, "calls": c} for n, (t, c) in top],
+        "cpu_top_ops": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+        if device.type != "cuda" else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="CPU smoke test: small shape, 4 examples")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--examples", type=int, default=None, help="workload (a) examples (GPU 256, quick 4)")
+    parser.add_argument("--cases", default=None,
+                        help="comma list of backend:dtype:method:steps[:rows per chunk] (default "
+                             "triton:bf16:riemann_right:20, the same with 6144 rows per chunk, "
+                             "triton:bf16:gausslegendre:3, triton:float32:riemann_right:20; torch on the CPU)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    device = common.pick_device(args.device)
+    gpu = device.type == "cuda"
+    shape = bench_compare.SHAPES["small" if args.quick else "bert-base"]
+    count = args.examples or (4 if args.quick or not gpu else 256)
+    backend = "triton" if gpu else "torch"
+    default = [f"{backend}:bf16:riemann_right:20", f"{backend}:bf16:riemann_right:20:6144",
+               f"{backend}:bf16:gausslegendre:3",
+               f"{backend}:float32:riemann_right:20"]
+    cases = args.cases.split(",") if args.cases else default
+    env = common.environment(device)
+    print(f"device: {env['device']}; torch {env['versions']['torch']}, triton {env['versions']['triton']}")
+    model = common.random_bert(**shape, seed=0, device=device)
+    lengths, _ = bench_compare.workload_lengths("a", count, seed=ord("a"))
+    ids, mask, types = (t.to(device) for t in common.random_batch(lengths, model.config.vocab_size, seed=ord("a")))
+    aa = AttentionAttribution(model)
+    payload = {"benchmark": "profile_engine", "environment": env, "shape": shape, "examples": count,
+               "mean_length": float(np.mean(lengths)), "ceilings_tflops": ceilings(device) if gpu else None,
+               "cases": {}}
+    for case in cases:
+        backend, dtype_name, method, steps, *chunk = case.split(":")
+        chunk = int(chunk[0]) if chunk else None
+        if dtype_name == "bf16" and not gpu:
+            print(f"  {case}: skipped (bf16 on CUDA only)")
+            continue
+        dtype = None if dtype_name == "float32" else bench_compare.DTYPES[dtype_name]
+        flops = float(sum(common.engine_flops(n, shape["layers"], int(steps), shape["hidden"], shape["intermediate"])
+                          for n in lengths))
+
+        def call(backend=backend, dtype=dtype, method=method, steps=int(steps), chunk=chunk):
+            return aa.attribute(ids, mask, types, method=method, n_steps=steps, dtype=dtype, backend=backend,
+                                output="full", internal_batch_size=chunk, result_device=device)
+
+        res = profile_case(call, device, flops)
+        payload["cases"][case] = res
+        busy = f", GPU busy {100 * res['gpu_busy_fraction']:.0f}%" if gpu else ""
+        print(f"\n== {case}: wall {res['wall_s']:.3f} s, {res['tflops_wall']:.1f} TFLOP/s{busy}, "
+              f"{res['kernel_launches']} launches, {res['host_syncs_and_copies']} syncs/copies")
+        for cat, secs in res["gpu_seconds_by_category"].items():
+            print(f"   {cat:30s} {secs:8.4f} s")
+        for k in res["top_kernels"][:8]:
+            print(f"   {k['gpu_s']:8.4f} s {k['calls']:6d}x  {k['name'][:90]}")
+    path = common.write_json(payload, "profile_engine" + ("-quick" if args.quick else ""), device, args.out)
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
