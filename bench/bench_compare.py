@@ -115,7 +115,7 @@ def skipped(name: str, reason: str, **fields) -> dict:
     return {"row": name, "status": f"skipped: {reason}", **fields}
 
 
-def run_workload(kind: str, model, shape: dict, args, device) -> dict:
+def run_workload(kind: str, model, shape: dict, args, device, checkpoint=lambda partial: None) -> dict:
     lengths, pair_first = workload_lengths(kind, args.examples, seed=ord(kind))
     ids, mask, types = common.random_batch(lengths, model.config.vocab_size, seed=ord(kind), pair_first=pair_first)
     ids, mask, types = ids.to(device), mask.to(device), types.to(device)
@@ -159,6 +159,12 @@ def run_workload(kind: str, model, shape: dict, args, device) -> dict:
 
     rows = []
     base = quantile_subset(lengths, args.baseline_examples)
+
+    def summary() -> dict:
+        return {"workload": kind, "description": WORKLOADS[kind], "lengths": lengths,
+                "pair_first_segment": pair_first, "mean_length": float(np.mean(lengths)),
+                "baseline_examples": base, "search_examples": search, "gausslegendre_nodes_matching_rr20": k_star,
+                "rr20_error_on_search": rr_error, "search": search_log, "rows": rows}
     base_t = torch.tensor(base, device=device)
     warm_ex = base[:1]
 
@@ -183,6 +189,7 @@ def run_workload(kind: str, model, shape: dict, args, device) -> dict:
         rows.append(finish_row(row, timing, base, lengths, [naive.NAIVE_LENGTH] * len(base), "loop", m, args, shape,
                                device, torch.float32))
         print(f"  {name}: {row['seconds']:.2f} s for {len(base)} examples, error {row['rel_error']:.2e}")
+        checkpoint(summary())
 
     # Captum.
     try:
@@ -199,22 +206,23 @@ def run_workload(kind: str, model, shape: dict, args, device) -> dict:
         rows.append(finish_row(row, timing, base, lengths, [lengths[i] for i in base], "loop", 20, args, shape,
                                device, torch.float32))
         print(f"  captum rr 20: {row['seconds']:.2f} s for {len(base)} examples, error {row['rel_error']:.2e}")
+        checkpoint(summary())
     except ImportError:
         rows.append(skipped("captum rr 20", "captum is not installed (pip install captum)"))
 
     # The engine.
     warm = n_all[: 8 if device.type == "cuda" else 1]
-    for backend in ("torch", "triton"):
-        reason = None
-        if backend == "triton":
-            if device.type != "cuda":
-                reason = f"the Triton backend runs on CUDA only; this run is on {device.type}"
-            else:
-                try:
-                    resolve_backend("triton", device)
-                except AttAttrError as exc:
-                    reason = str(exc)
-        for dtype_name, dtype in DTYPES.items():
+    triton_reason = None
+    if device.type != "cuda":
+        triton_reason = f"the Triton backend runs on CUDA only; this run is on {device.type}"
+    else:
+        try:
+            resolve_backend("triton", device)
+        except AttAttrError as exc:
+            triton_reason = str(exc)
+    for dtype_name, dtype in reversed(DTYPES.items()):  # bf16 first: the headline rows
+        for backend in ("triton", "torch"):
+            reason = triton_reason if backend == "triton" else None
             for method, steps, label in (("riemann_right", 20, "rr 20"), ("gausslegendre", k_star, f"gl {k_star}")):
                 name = f"engine {backend} {dtype_name} {label}"
                 fields = {"method": method, "steps": steps, "backend": backend, "dtype": dtype_name}
@@ -250,12 +258,11 @@ def run_workload(kind: str, model, shape: dict, args, device) -> dict:
                 print(f"  {name}: {row['seconds']:.2f} s for {len(n_all)} examples, error {row['rel_error']:.2e}; "
                       f"{same.seconds:.2f} s on the baselines' {len(base)}, error "
                       f"{row['on_baseline_examples']['rel_error']:.2e}")
+                speedups(rows)
+                checkpoint(summary())
 
     speedups(rows)
-    return {"workload": kind, "description": WORKLOADS[kind], "lengths": lengths, "pair_first_segment": pair_first,
-            "mean_length": float(np.mean(lengths)), "baseline_examples": base, "search_examples": search,
-            "gausslegendre_nodes_matching_rr20": k_star, "rr20_error_on_search": rr_error, "search": search_log,
-            "rows": rows}
+    return summary()
 
 
 def speedups(rows: list[dict]) -> None:
@@ -349,25 +356,36 @@ def main(argv: list[str] | None = None) -> int:
     if threads_note:
         print(threads_note)
         env["threads_note"] = threads_note
-    started = time.perf_counter()
-    results = [run_workload(kind, model, shape, args, device) for kind in args.workloads.split(",")]
-    for result in results:
-        print_table(result)
-    payload = {
-        "benchmark": "bench_compare", "environment": env,
-        "settings": {**vars(args), "model_shape": shape, "workload_descriptions": WORKLOADS,
-                     "naive": {"length": naive.NAIVE_LENGTH, "chunk": naive.NAIVE_CHUNK, "rule": "riemann_left"},
-                     "captum": {"method": "riemann_right", "n_steps": 20, "length": "real", "batch": "all steps"},
-                     "error": "worst layer's max |attr - reference| / max |reference|, reference = engine "
-                              f"gausslegendre {args.reference_nodes} float32",
-                     "flops": "DESIGN §2 cost model (bench/common.py: layer_flops, engine_flops, loop_flops)"},
-        "workloads": results, "wall_seconds": time.perf_counter() - started,
-    }
     name = "bench_compare" + ("-quick" if args.quick else "")
     if args.workloads != "a,b,c":
         name += "-" + "+".join(args.workloads.split(","))
-    path = common.write_json(payload, name, device, args.out)
-    print(f"\nwrote {path} ({payload['wall_seconds']:.0f} s)")
+    started = time.perf_counter()
+    results = []
+
+    def save(partial: dict | None = None) -> Path:
+        """The JSON so far: rewritten after every row, so a run stopped by a time limit keeps what it measured."""
+        done = results + ([partial] if partial else [])
+        return common.write_json(payload(done, complete=partial is None), name, device, args.out)
+
+    def payload(workloads: list[dict], complete: bool) -> dict:
+        return {
+            "benchmark": "bench_compare", "environment": env,
+            "settings": {**vars(args), "model_shape": shape, "workload_descriptions": WORKLOADS,
+                         "naive": {"length": naive.NAIVE_LENGTH, "chunk": naive.NAIVE_CHUNK, "rule": "riemann_left"},
+                         "captum": {"method": "riemann_right", "n_steps": 20, "length": "real", "batch": "all steps"},
+                         "error": "worst layer's max |attr - reference| / max |reference|, reference = engine "
+                                  f"gausslegendre {args.reference_nodes} float32",
+                         "flops": "DESIGN §2 cost model (bench/common.py: layer_flops, engine_flops, loop_flops)"},
+            "workloads": workloads, "complete": complete, "wall_seconds": time.perf_counter() - started,
+        }
+
+    for kind in args.workloads.split(","):
+        results.append(run_workload(kind, model, shape, args, device, checkpoint=save))
+        save()
+    for result in results:
+        print_table(result)
+    path = save()
+    print(f"\nwrote {path} ({time.perf_counter() - started:.0f} s)")
     return 0
 
 

@@ -2,12 +2,12 @@
 # One prepared run for a lent H100/H200 (the device tool's image has torch, triton, transformers, pytest,
 # pytest-benchmark; no internet). In order, each step bounded so the whole run ends within $BUDGET seconds
 # (default 560, inside the device tool's 10-minute call):
-#   1. install this checkout without dependencies (editable, no build isolation: nothing to download)
+#   1. put this checkout on PYTHONPATH (no install: pip's build step would need the internet)
 #   2. the GPU-marked tests (kernel vs torch ops, int64 offsets, engine triton vs torch)
-#   3. bench_compare.py on $WORKLOADS (default a), $COMPARE_ARGS passed on
-#   4. profile_engine.py (the device's matmul ceilings; where the engine's GPU time goes)
+#   3. profile_engine.py (the device's matmul ceilings; where the engine's GPU time goes), $PROFILE_ARGS
+#   4. bench_compare.py on $WORKLOADS (default a), $COMPARE_ARGS passed on, at most $COMPARE_LIMIT s each
 #   5. bench_kernel.py at n = 128, 512, 2048, float32 and bf16
-# STEPS (default "tests compare profile kernel") picks steps; every step's log goes to $OUT too.
+# STEPS (default "tests profile compare kernel") picks steps; every step's log goes to $OUT too.
 # Results land in bench/results/ (commit them) and are copied to $OUT when it is set (the device tool).
 #
 #     bash bench/gpu_session.sh            # on the device: run(command="bash bench/gpu_session.sh", timeout_s=600)
@@ -19,7 +19,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 python=${PYTHON:-python3}
 results=bench/results
 budget=${BUDGET:-560}
-steps=${STEPS:-tests compare profile kernel}
+steps=${STEPS:-tests profile compare kernel}
 out=${OUT:-/tmp/gpu_session}; mkdir -p "$out"
 log() { echo "== $(date +%H:%M:%S) [${SECONDS}s] $*"; }
 # step LIMIT CMD...: run CMD for at most LIMIT seconds and never past the budget; skip it when < 30 s are left
@@ -35,24 +35,27 @@ log "install"
 if compgen -G ".whl/*.whl" >/dev/null; then
     $python -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
-$python -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+# the checkout itself (an editable install needs the internet); setup.py maps kernels/ to attattr_fast.kernels
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+[[ -e attattr_fast/kernels ]] || ln -s ../kernels attattr_fast/kernels
+$python -c "import attattr_fast.kernels.attribution_reduce" || exit 1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 
 if want tests; then
     log "GPU tests"
-    step 60 $python -m pytest -q -m gpu tests/ 2>&1 | tee "$out/tests.log" | tail -15
-fi
-if want compare; then
-    for workload in ${WORKLOADS:-a}; do
-        log "bench_compare workload $workload"
-        step 240 $python bench/bench_compare.py --workloads "$workload" ${COMPARE_ARGS:-} 2>&1 | tee "$out/compare-$workload.log"
-        copy_out
-    done
+    step 50 $python -m pytest -q -m gpu tests/ 2>&1 | tee "$out/tests.log" | tail -15
 fi
 if want profile; then
     log "profile"
     step 90 $python bench/profile_engine.py ${PROFILE_ARGS:-} 2>&1 | tee "$out/profile.log" | tail -60
     copy_out
+fi
+if want compare; then
+    for workload in ${WORKLOADS:-a}; do
+        log "bench_compare workload $workload"
+        step ${COMPARE_LIMIT:-240} $python bench/bench_compare.py --workloads "$workload" ${COMPARE_ARGS:-} 2>&1 | tee "$out/compare-$workload.log"
+        copy_out
+    done
 fi
 if want kernel; then
     log "kernel benchmark"

@@ -125,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--examples", type=int, default=None, help="workload (a) examples (GPU 256, quick 4)")
     parser.add_argument("--cases", default=None,
                         help="comma list of backend:dtype:method:steps[:rows per chunk] (default "
-                             "triton:bf16:riemann_right:20, the same with 6144 rows per chunk, "
-                             "triton:bf16:gausslegendre:3, triton:float32:riemann_right:20; torch on the CPU)")
+                             "triton:bf16:riemann_right:20, triton:bf16:gausslegendre:2, the first with 6144 rows "
+                             "per chunk, triton:float32:riemann_right:20, torch:bf16:riemann_right:20)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     device = common.pick_device(args.device)
@@ -134,9 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     shape = bench_compare.SHAPES["small" if args.quick else "bert-base"]
     count = args.examples or (4 if args.quick or not gpu else 256)
     backend = "triton" if gpu else "torch"
-    default = [f"{backend}:bf16:riemann_right:20", f"{backend}:bf16:riemann_right:20:6144",
-               f"{backend}:bf16:gausslegendre:3",
-               f"{backend}:float32:riemann_right:20"]
+    default = [f"{backend}:bf16:riemann_right:20", f"{backend}:bf16:gausslegendre:2",
+               f"{backend}:bf16:riemann_right:20:6144", f"{backend}:float32:riemann_right:20",
+               "torch:bf16:riemann_right:20"]
     cases = args.cases.split(",") if args.cases else default
     env = common.environment(device)
     print(f"device: {env['device']}; torch {env['versions']['torch']}, triton {env['versions']['triton']}")
@@ -161,8 +161,14 @@ def main(argv: list[str] | None = None) -> int:
             return aa.attribute(ids, mask, types, method=method, n_steps=steps, dtype=dtype, backend=backend,
                                 output="full", internal_batch_size=chunk, result_device=device)
 
-        res = profile_case(call, device, flops)
+        try:
+            res = profile_case(call, device, flops)
+        except Exception as exc:  # one failing case must not lose the others
+            print(f"\n== {case}: failed: {type(exc).__name__}: {exc}")
+            payload["cases"][case] = {"error": f"{type(exc).__name__}: {exc}"}
+            continue
         payload["cases"][case] = res
+        common.write_json(payload, "profile_engine" + ("-quick" if args.quick else ""), device, args.out)
         busy = f", GPU busy {100 * res['gpu_busy_fraction']:.0f}%" if gpu else ""
         print(f"\n== {case}: wall {res['wall_s']:.3f} s, {res['tflops_wall']:.1f} TFLOP/s{busy}, "
               f"{res['kernel_launches']} launches, {res['host_syncs_and_copies']} syncs/copies")
