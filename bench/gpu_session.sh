@@ -47,7 +47,7 @@ if want tests; then
 fi
 if want profile; then
     log "profile"
-    step 90 $python bench/profile_engine.py ${PROFILE_ARGS:-} 2>&1 | tee "$out/profile.log" | tail -60
+    step ${PROFILE_LIMIT:-120} $python bench/profile_engine.py ${PROFILE_ARGS:---examples 128 --compile-probe} 2>&1 | tee "$out/profile.log" | tail -60
     copy_out
 fi
 if want compare; then
