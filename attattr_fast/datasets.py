@@ -79,11 +79,24 @@ def read_examples(path: str | Path) -> list[Example]:
     return examples
 
 
+BUILTIN_SENTIMENT = "builtin:sentiment"  # the name the CLI's --input takes for the built-in sentences
+
+
 def builtin_sentiment_examples() -> list[Example]:
     """The project's balanced set of labelled review sentences (negative / positive)."""
     path = resources.files("attattr_fast") / "data" / "sentiment.tsv"
     with resources.as_file(path) as p:
         return read_examples(p)
+
+
+def builtin_sentiment_bytes() -> bytes:
+    """The built-in sentences' file as stored in the package (for checksums)."""
+    return (resources.files("attattr_fast") / "data" / "sentiment.tsv").read_bytes()
+
+
+def load_examples(source: str | Path) -> list[Example]:
+    """`read_examples(source)`, or the built-in sentences for `BUILTIN_SENTIMENT`."""
+    return builtin_sentiment_examples() if str(source) == BUILTIN_SENTIMENT else read_examples(source)
 
 
 def label_index(label: str, label2id: dict[str, int], num_labels: int) -> int:

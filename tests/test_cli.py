@@ -52,6 +52,22 @@ def test_input_file_with_pairs_and_gold_labels(capsys, tmp_path, tiny_model_dir)
     assert "[SEP]" in records[0].tokens[:-1]  # the pair's separator sits inside the sequence
 
 
+def test_input_builtin_sentiment(capsys, tmp_path, tiny_model_dir):
+    """--input builtin:sentiment reads the packaged sentences, as `triggers` does, from any directory."""
+    from attattr_fast.datasets import builtin_sentiment_examples
+
+    out = tmp_path / "res"
+    code, _, err = run_cli(capsys, "attribute", "--model", str(tiny_model_dir), "--input", "builtin:sentiment",
+                           "--steps", "1", "--target", "gold", "--output", "reduced", "--out", str(out), "--quiet",
+                           "--no-progress")  # fmt: skip
+    assert code == 0, err
+    expected = builtin_sentiment_examples()
+    records = load_results(out)
+    assert [r.text for r in records] == [e.text for e in expected]
+    assert [r.target for r in records] == [0 if e.label == "negative" else 1 for e in expected]
+    assert "builtin:sentiment" in (out / "manifest.json").read_text()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--text", "   "], "empty"),
     (["--text", "good", "--steps", "0"], "--steps must be a positive integer"),

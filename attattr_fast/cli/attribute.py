@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from attattr_fast.cli import common
+from attattr_fast.datasets import BUILTIN_SENTIMENT
 from attattr_fast.errors import AttAttrError
 
 STORE_DTYPES = ("float32", "float16")
@@ -29,7 +30,8 @@ def register(sub) -> None:
                                    "each process takes a share of the examples.")  # fmt: skip
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", action="append", help="a text to attribute (repeatable)")
-    source.add_argument("--input", help="TSV (with header), CSV or JSONL with columns text[, text_pair][, label]")
+    source.add_argument("--input", help="TSV (with header), CSV or JSONL with columns text[, text_pair][, label], "
+                                        f"or {BUILTIN_SENTIMENT} for the project's labelled review sentences")
     p.add_argument("--text-pair", action="append", help="second segment for each --text (sentence pairs)")
     common.add_model_options(p)
     common.add_attribution_options(p)
@@ -69,14 +71,17 @@ def parse_size(value: str, name: str) -> int | None:
 
 
 def _examples(args):
-    from attattr_fast.datasets import Example, read_examples
+    from attattr_fast.datasets import Example, builtin_sentiment_bytes, load_examples
 
     if args.input is not None:
         if args.text_pair:
             raise AttAttrError("--text-pair goes with --text; in an --input file give a text_pair column")
-        path = Path(args.input)
-        examples = read_examples(path)
-        return examples, {"path": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+        examples = load_examples(args.input)
+        if args.input == BUILTIN_SENTIMENT:
+            name, content = BUILTIN_SENTIMENT, builtin_sentiment_bytes()
+        else:
+            name, content = str(Path(args.input).resolve()), Path(args.input).read_bytes()
+        return examples, {"path": name, "sha256": hashlib.sha256(content).hexdigest()}
     pairs = args.text_pair or []
     if pairs and len(pairs) != len(args.text):
         raise AttAttrError("give one --text-pair per --text")

@@ -16,9 +16,8 @@ import sys
 from pathlib import Path
 
 from attattr_fast.cli import common
+from attattr_fast.datasets import BUILTIN_SENTIMENT
 from attattr_fast.errors import AttAttrError
-
-BUILTIN_DATA = "builtin:sentiment"
 
 
 def register(sub) -> None:
@@ -62,7 +61,7 @@ def register(sub) -> None:
 
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", required=True,
-                        help=f"TSV/CSV/JSONL with text[, text_pair][, label], or {BUILTIN_DATA} for the "
+                        help=f"TSV/CSV/JSONL with text[, text_pair][, label], or {BUILTIN_SENTIMENT} for the "
                              "project's labelled review sentences")
     parser.add_argument("--slice", default=None,
                         help="a Python slice of the examples, e.g. '0::2' (even ones) or ':100' (default: all)")
@@ -84,9 +83,9 @@ def parse_slice(value: str | None) -> slice:
 
 
 def _examples(args):
-    from attattr_fast.datasets import builtin_sentiment_examples, read_examples
+    from attattr_fast.datasets import load_examples
 
-    examples = builtin_sentiment_examples() if args.input == BUILTIN_DATA else read_examples(args.input)
+    examples = load_examples(args.input)
     chosen = examples[parse_slice(args.slice)]
     if not chosen:
         raise AttAttrError(f"--slice {args.slice} selects no example of {len(examples)}")
