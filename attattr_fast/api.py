@@ -24,8 +24,9 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = tor
 
     "auto" takes the torch ops: the engine hands the reduction float32 states (float64 for float64 models),
     and on the one GPU measured (an H200, bench/results/h200-bench_kernel.json and h200-bench_compare-a.json)
-    the kernel's float32 path ran at 0.26–0.69× the torch ops, and the engine's Triton rows were slower than its
-    torch rows in every case (most in a process's first calls; compilation is the likely cause, not profiled).
+    the kernel's float32 path ran at 0.26–0.69× the torch ops, and on 256 sentences the engine's Triton rows were
+    slower than its torch rows in all four cases, by far the most in the bf16 rows (107 s against 3.6 s); the
+    cause of that gap is not established.
     "triton" runs the kernel on CUDA, or on the CPU under TRITON_INTERPRET=1, and raises an `AttAttrError`
     where it cannot run.
     """

@@ -165,6 +165,7 @@ def run_workload(kind: str, model, shape: dict, args, device, checkpoint=lambda 
                 "pair_first_segment": pair_first, "mean_length": float(np.mean(lengths)),
                 "baseline_examples": base, "search_examples": search, "gausslegendre_nodes_matching_rr20": k_star,
                 "rr20_error_on_search": rr_error, "search": search_log, "rows": rows}
+    checkpoint(summary())  # the reference and K* so far, no rows yet
     base_t = torch.tensor(base, device=device)
     warm_ex = base[:1]
 
@@ -221,7 +222,7 @@ def run_workload(kind: str, model, shape: dict, args, device, checkpoint=lambda 
         except AttAttrError as exc:
             triton_reason = str(exc)
     for dtype_name, dtype in reversed(DTYPES.items()):  # bf16 first: the headline rows
-        for backend in ("triton", "torch"):
+        for backend in ("torch", "triton"):  # torch first: the Triton rows were slowest in a process's first calls
             reason = triton_reason if backend == "triton" else None
             for method, steps, label in (("riemann_right", 20, "rr 20"), ("gausslegendre", k_star, f"gl {k_star}")):
                 name = f"engine {backend} {dtype_name} {label}"
@@ -362,10 +363,14 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     results = []
 
+    kinds = args.workloads.split(",")
+
     def save(partial: dict | None = None) -> Path:
-        """The JSON so far: rewritten after every row, so a run stopped by a time limit keeps what it measured."""
+        """The JSON so far: rewritten at the start (replacing an older file) and after every row, so a run stopped
+        by a time limit keeps what it measured; "complete" only once every workload has finished."""
         done = results + ([partial] if partial else [])
-        return common.write_json(payload(done, complete=partial is None), name, device, args.out)
+        return common.write_json(payload(done, complete=partial is None and len(done) == len(kinds)), name, device,
+                                 args.out)
 
     def payload(workloads: list[dict], complete: bool) -> dict:
         return {
@@ -379,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
             "workloads": workloads, "complete": complete, "wall_seconds": time.perf_counter() - started,
         }
 
-    for kind in args.workloads.split(","):
+    save()
+    for kind in kinds:
         results.append(run_workload(kind, model, shape, args, device, checkpoint=save))
         save()
     for result in results:

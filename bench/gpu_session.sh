@@ -3,11 +3,13 @@
 # pytest-benchmark; no internet). In order, each step bounded so the whole run ends within $BUDGET seconds
 # (default 560, inside the device tool's 10-minute call):
 #   1. put this checkout on PYTHONPATH (no install: pip's build step would need the internet)
-#   2. the GPU-marked tests (kernel vs torch ops, int64 offsets, engine triton vs torch)
-#   3. profile_engine.py (the device's matmul ceilings; where the engine's GPU time goes), $PROFILE_ARGS
-#   4. bench_compare.py on $WORKLOADS (default a), $COMPARE_ARGS passed on, at most $COMPARE_LIMIT s each
-#   5. bench_kernel.py at n = 128, 512, 2048, float32 and bf16
-# STEPS (default "tests profile compare kernel") picks steps; every step's log goes to $OUT too.
+#   2. triton_compile_probe.py with an empty Triton cache (first vs second launch per specialisation)
+#   3. the GPU-marked tests (kernel vs torch ops, int64 offsets, engine triton vs torch)
+#   4. profile_engine.py (the device's matmul ceilings; where the engine's GPU time goes), $PROFILE_ARGS
+#   5. bench_compare.py on $WORKLOADS (default a), $COMPARE_ARGS passed on, at most $COMPARE_LIMIT s each
+#   6. bench_kernel.py at n = 128, 512, 2048, float32 and bf16
+# STEPS (default "probe tests profile compare kernel") picks steps; every step's log goes to $OUT too, with
+# the result JSONs this run wrote (not older ones).
 # Results land in bench/results/ (commit them) and are copied to $OUT when it is set (the device tool).
 #
 #     bash bench/gpu_session.sh            # on the device: run(command="bash bench/gpu_session.sh", timeout_s=600)
@@ -19,7 +21,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 python=${PYTHON:-python3}
 results=bench/results
 budget=${BUDGET:-560}
-steps=${STEPS:-tests profile compare kernel}
+steps=${STEPS:-probe tests profile compare kernel}
 out=${OUT:-/tmp/gpu_session}; mkdir -p "$out"
 log() { echo "== $(date +%H:%M:%S) [${SECONDS}s] $*"; }
 # step LIMIT CMD...: run CMD for at most LIMIT seconds and never past the budget; skip it when < 30 s are left
@@ -28,7 +30,8 @@ step() {
     ((left < 30)) && { log "skipped (budget spent): $*"; return 0; }
     timeout $((limit < left ? limit : left)) "$@"
 }
-copy_out() { cp "$results"/h[0-9]*.json "$out"/ 2>/dev/null; true; }
+marker=$(mktemp); touch "$marker"  # result files newer than this are this run's
+copy_out() { find "$results" -maxdepth 1 -name 'h[0-9]*.json' -newer "$marker" -exec cp {} "$out"/ \; ; true; }
 want() { [[ " $steps " == *" $1 "* ]]; }
 
 log "install"
@@ -37,17 +40,22 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 # the checkout itself (an editable install needs the internet); setup.py maps kernels/ to attattr_fast.kernels
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-[[ -e attattr_fast/kernels ]] || ln -s ../kernels attattr_fast/kernels
-$python -c "import attattr_fast.kernels.attribution_reduce" || exit 1
+[[ -e attattr_fast/kernels || -L attattr_fast/kernels ]] || ln -s ../kernels attattr_fast/kernels
+$python -c "import attattr_fast.kernels.attribution_reduce" || log "the kernel does not import: Triton steps will fail"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 
+if want probe; then
+    log "Triton compile probe (empty cache)"
+    TRITON_CACHE_DIR=$(mktemp -d) step 150 $python bench/triton_compile_probe.py 2>&1 | tee "$out/probe.log"
+    copy_out
+fi
 if want tests; then
     log "GPU tests"
     step 50 $python -m pytest -q -m gpu tests/ 2>&1 | tee "$out/tests.log" | tail -15
 fi
 if want profile; then
     log "profile"
-    step ${PROFILE_LIMIT:-120} $python bench/profile_engine.py ${PROFILE_ARGS:---examples 128 --compile-probe} 2>&1 | tee "$out/profile.log" | tail -60
+    step ${PROFILE_LIMIT:-120} $python bench/profile_engine.py ${PROFILE_ARGS---examples 128} 2>&1 | tee "$out/profile.log" | tail -60
     copy_out
 fi
 if want compare; then

@@ -36,7 +36,7 @@ from attattr_fast import AttentionAttribution  # noqa: E402
 
 # Kernel-name substrings per category, first match wins (lower-cased names).
 CATEGORIES = (
-    ("attribution_reduce (triton)", ("attribution", "_attr_", "reduce_kernel")),
+    ("attribution_reduce (triton)", ("_attribution_tiles",)),
     ("attention (sdpa/flash)", ("flash", "fmha", "attention", "efficient_attention", "sdpa")),
     ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "sm90", "sm80", "wgmma", "matmul", "cublas")),
     ("softmax", ("softmax",)),
@@ -84,29 +84,6 @@ def ceilings(device) -> dict:
     return out
 
 
-def compile_probe(device) -> dict:
-    """Seconds of the Triton kernel's first and second launch at lengths that differ in tile size and in
-    divisibility by 16 (B = 8, H = 12, d = 64, float32, full output): a first launch far above the second is
-    compilation."""
-    from attattr_fast.kernels.attribution_reduce import reduce_attributions
-
-    out = {}
-    for n in (24, 25, 40, 48, 66, 100):
-        q, k, v, g = (torch.randn(8, 12, n, 64, device=device) for _ in range(4))
-        lse = torch.logsumexp(q @ k.transpose(-1, -2) / 8, dim=-1)
-        mask = torch.ones(8, n, dtype=torch.bool, device=device)
-        times = []
-        for _ in range(2):
-            torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            reduce_attributions(q, k, v, lse, g, mask, scale=0.125, full=True)
-            torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - t0)
-        out[n] = {"first_s": times[0], "second_s": times[1]}
-        print(f"  triton launch at n = {n}: first {times[0]:.3f} s, second {times[1] * 1e3:.2f} ms")
-    return out
-
-
 def profile_case(call, device, flops: float) -> dict:
     call()  # warm-up (Triton compilation, cuBLAS handles)
     common.synchronize(device)
@@ -150,8 +127,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma list of backend:dtype:method:steps[:rows per chunk] (GPU default: torch bf16 "
                              "rr 20, gl 2 and rr 20 with 6144 rows per chunk, torch float32 gl 2, triton bf16 gl 2 "
                              "last, as its compilation is slow)")
-    parser.add_argument("--compile-probe", action="store_true",
-                        help="time the Triton kernel's first and second launch at a few lengths (GPU)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     device = common.pick_device(args.device)
@@ -201,8 +176,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"   {cat:30s} {secs:8.4f} s")
         for k in res["top_kernels"][:8]:
             print(f"   {k['gpu_s']:8.4f} s {k['calls']:6d}x  {k['name'][:90]}")
-    if args.compile_probe and gpu:
-        payload["triton_first_vs_second_launch_s"] = compile_probe(device)
     path = common.write_json(payload, "profile_engine" + ("-quick" if args.quick else ""), device, args.out)
     print(f"\nwrote {path}")
     return 0

@@ -31,7 +31,8 @@ def register(sub) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", action="append", help="a text to attribute (repeatable)")
     source.add_argument("--input", help="TSV (with header), CSV or JSONL with columns text[, text_pair][, label], "
-                                        f"or {BUILTIN_SENTIMENT} for the project's labelled review sentences")
+                                        f"or {BUILTIN_SENTIMENT} for the project's labelled review sentences (a "
+                                        "file of that name: ./builtin:sentiment)")
     p.add_argument("--text-pair", action="append", help="second segment for each --text (sentence pairs)")
     common.add_model_options(p)
     common.add_attribution_options(p)
