@@ -30,8 +30,15 @@ def read_examples(path: str | Path) -> list[Example]:
     try:
         if suffix in (".tsv", ".csv"):
             with path.open(newline="", encoding="utf-8-sig") as f:
-                reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-                records = [dict(r) for r in reader]
+                # strict: an unterminated quote is an error, not a text that swallows the rest of the file
+                reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",", strict=True)
+                records = []
+                for r in reader:
+                    if None in r:  # DictReader's key for the fields beyond the header
+                        width = len(reader.fieldnames) + len(r[None])
+                        raise AttAttrError(f"{path}:{reader.line_num}: {width} fields where the header has "
+                                           f"{len(reader.fieldnames)}")
+                    records.append(dict(r))
                 header = reader.fieldnames or []
         elif suffix in (".jsonl", ".json"):
             records = []

@@ -198,6 +198,8 @@ def class_indices(data: TaskData, config) -> list[int]:
     """
     from attattr_fast.datasets import label_index
 
+    if data.regression:
+        raise AttAttrError(f"{data.task} is a regression task; head importance and pruning need class labels")
     label2id = dict(getattr(config, "label2id", None) or {})
     num_labels = int(config.num_labels)
     default_names = all(str(k).startswith("LABEL_") for k in label2id)

@@ -107,6 +107,8 @@ def test_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, tiny_model_d
     ("labels.tsv", "text\tlabel\ngood film\tneutral\n", "unknown label 'neutral'"),
     ("data.xml", "<text/>", "unknown input format"),
     ("list.jsonl", '{"text": ["a"]}\n', "must be strings"),
+    ("quote.csv", 'text,label\n"unterminated,positive\n', "malformed CSV"),
+    ("wide.tsv", "text\tlabel\ngood film\tpositive\textra\tfields\n", "4 fields where the header has 2"),
 ])  # fmt: skip
 def test_malformed_input_files(capsys, tmp_path, tiny_model_dir, name, content, message):
     path = tmp_path / name

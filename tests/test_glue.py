@@ -64,6 +64,8 @@ def test_rte_qnli_mrpc_qqp_stsb_cola_layouts(tmp_path):
     assert stsb.regression and stsb.examples[0].label == "5.000"
     with pytest.raises(AttAttrError, match="regression task"):
         label_set(stsb)
+    with pytest.raises(AttAttrError, match="regression task"):  # heads / prune, not "unknown label '5.000'"
+        class_indices(stsb, BertConfig(num_labels=2))
     cola = read_glue(_write(tmp_path, "cola.tsv", ["gj04\t1\t\tOur friends won't buy this analysis.",
                                                    "gj04\t0\t*\tThey drank the pub."]), "cola")  # fmt: skip
     assert [(e.text, e.label) for e in cola.examples] == [("Our friends won't buy this analysis.", "1"),
