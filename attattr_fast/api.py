@@ -132,7 +132,10 @@ class AttentionAttribution:
         order = torch.sort(lengths.cpu(), stable=True).indices  # similar lengths share a group
         log.debug("rows per chunk %d, examples per group %d", rows_per_chunk, per_group)
 
-        out = _Collector(batch, len(layers), adapter.n_heads, length, output == "full", device)
+        # The batch's results gather on result_device group by group, so a large batch bound for the CPU
+        # never holds all of its [B, L', H, n, n] tensors on the GPU at once.
+        result_device = torch.device(result_device)
+        out = _Collector(batch, len(layers), adapter.n_heads, length, output == "full", result_device)
         for begin in range(0, batch, per_group):
             idx = order[begin : begin + per_group].to(device)
             n = int(lengths[idx].max())  # each group runs at its own longest real length
@@ -146,7 +149,7 @@ class AttentionAttribution:
             out.put(idx, n, group)
 
         delta = out.attr_sum - (out.prob.unsqueeze(1) - out.baseline)
-        top = top_interactions(out.layer_attr, key_mask.unsqueeze(1), top_k) if top_k else None
+        top = top_interactions(out.layer_attr, key_mask.to(result_device).unsqueeze(1), top_k) if top_k else None
         result = AttributionResult(
             attributions=out.attributions,
             attention=out.attention,
@@ -164,13 +167,14 @@ class AttentionAttribution:
             n_steps=n_steps,
             model_layers=adapter.n_layers,
         )
-        return _to_device(result, torch.device(result_device))
+        return _to_device(result, result_device)
 
 
 class _Collector:
     """Scatters the groups' outputs (each at its own length) into full-batch tensors, zero-padded."""
 
     def __init__(self, batch: int, n_layers: int, n_heads: int, length: int, full: bool, device):
+        self.device = device
         f32 = dict(dtype=torch.float32, device=device)
         self.head_max = torch.zeros(batch, n_layers, n_heads, **f32)
         self.head_argmax = torch.zeros(batch, n_layers, n_heads, 2, dtype=torch.long, device=device)
@@ -183,16 +187,17 @@ class _Collector:
         self.attention = torch.zeros(batch, n_layers, n_heads, length, length, **f32) if full else None
 
     def put(self, idx: Tensor, n: int, group: engine.GroupResult) -> None:
-        self.head_max[idx] = group.head_max
-        self.head_argmax[idx] = group.head_argmax
-        self.layer_attr[idx, :, :n, :n] = group.layer_attr
-        self.prob[idx] = group.prob
-        self.target[idx] = group.target
-        self.baseline[idx] = group.baseline
-        self.attr_sum[idx] = group.attr_sum
+        idx = idx.to(self.device)
+        self.head_max[idx] = group.head_max.to(self.device)
+        self.head_argmax[idx] = group.head_argmax.to(self.device)
+        self.layer_attr[idx, :, :n, :n] = group.layer_attr.to(self.device)
+        self.prob[idx] = group.prob.to(self.device)
+        self.target[idx] = group.target.to(self.device)
+        self.baseline[idx] = group.baseline.to(self.device)
+        self.attr_sum[idx] = group.attr_sum.to(self.device)
         if self.attributions is not None:
-            self.attributions[idx, :, :, :n, :n] = group.attributions
-            self.attention[idx, :, :, :n, :n] = group.attention
+            self.attributions[idx, :, :, :n, :n] = group.attributions.to(self.device)
+            self.attention[idx, :, :, :n, :n] = group.attention.to(self.device)
 
 
 def _to_device(result: AttributionResult, device: torch.device) -> AttributionResult:

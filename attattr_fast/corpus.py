@@ -167,10 +167,12 @@ class ChunkPlanner:
         return max(1, min(self.rows(n) // self.rows_per_example, int(cap * self.scale)))
 
     def shrink(self, n: int, batch_len: int) -> bool:
-        """Halve the budget after an out-of-memory error; False when one row of one example already failed."""
-        if self.rows(n) <= 1 and batch_len <= 1:
+        """After an out-of-memory error: half the rows (and examples) the failed call used, which can be fewer
+        than `rows(n)` when the batch was short; False when one row of one example already failed."""
+        used = min(self.rows(n), batch_len * self.rows_per_example)
+        if used <= 1 and batch_len <= 1:
             return False
-        self.scale /= 2
+        self.scale *= used / (2 * self.rows(n))
         return True
 
 

@@ -100,8 +100,11 @@ def from_environment(device_type: str) -> DistContext:
 
     backend = "nccl" if device_type == "cuda" else "gloo"
     if device_type == "cuda":
-        if local_rank >= torch.cuda.device_count():
-            raise AttAttrError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices are visible")
+        visible = torch.cuda.device_count()
+        if visible == 1:
+            local_rank = 0  # the launcher gave each rank its own GPU (CUDA_VISIBLE_DEVICES)
+        elif local_rank >= visible:
+            raise AttAttrError(f"LOCAL_RANK={local_rank} but only {visible} CUDA devices are visible")
         torch.cuda.set_device(local_rank)
     missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
     if missing:

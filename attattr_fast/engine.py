@@ -186,10 +186,12 @@ def gather_rows(prefix: Prefix, examples: Tensor, layers: list[int], layer_idx: 
 
 
 def memory_budget(device: torch.device) -> int:
-    """Bytes the rows of one chunk may take: half the free memory on CUDA, 1 GiB on the CPU."""
+    """Bytes the rows of one chunk may take: half the free memory on CUDA (counting what torch's caching
+    allocator holds but does not use, so a second call gets what the first had), 1 GiB on the CPU."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(0.5 * free)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(0.5 * (free + cached))
     return 1 << 30  # beyond a GiB the CPU gains nothing from bigger batches
 
 

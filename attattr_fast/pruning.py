@@ -195,13 +195,14 @@ def seconds_per_forward(model: nn.Module, batches: list[dict[str, Tensor]], repe
                         warmup: int = 2) -> float:
     """Median wall time of one pass of `model` over all `batches` (dicts of model inputs)."""
     model.eval()
+    device = next(model.parameters()).device
     times = []
     for i in range(warmup + repeats):
         start = time.perf_counter()
         for batch in batches:
             model(**batch)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
     return statistics.median(times)

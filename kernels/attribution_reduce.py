@@ -51,6 +51,7 @@ float32 accumulation up to summation order.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -320,15 +321,17 @@ def reduce_attributions(
     log.debug("attribution_reduce: B=%d H=%d n=%d d=%d K=%d dtype=%s tiles %dx%d block_d=%d full=%s",
               n_ex, heads, n, d, n_nodes, q.dtype, block_m, block_n, cfg.block_d, full)
 
-    _attribution_tiles[(n_ex * tiles,)](
-        q4, k4, v4, lse3, grad5, weights, mask2,
-        attr, layer, tile_max, tile_pos,
-        *q4.stride(), *k4.stride(), *v4.stride(), *lse3.stride(), *grad5.stride(), *mask2.stride(),
-        heads, n, d, n_nodes, tiles_n, tiles, float(scale),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=cfg.block_d,
-        LOW_PRECISION=low_precision, UPCAST_DOTS=low_precision and _interpreted(), FULL=full,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
+    # Triton launches on the current CUDA device: make it the tensors' (a model on cuda:1, say).
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        _attribution_tiles[(n_ex * tiles,)](
+            q4, k4, v4, lse3, grad5, weights, mask2,
+            attr, layer, tile_max, tile_pos,
+            *q4.stride(), *k4.stride(), *v4.stride(), *lse3.stride(), *grad5.stride(), *mask2.stride(),
+            heads, n, d, n_nodes, tiles_n, tiles, float(scale),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=cfg.block_d,
+            LOW_PRECISION=low_precision, UPCAST_DOTS=low_precision and _interpreted(), FULL=full,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
 
     # Second step: the best tile per head; on equal values the smallest row-major position wins.
     head_max = tile_max.amax(dim=-1)

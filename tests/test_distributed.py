@@ -134,3 +134,24 @@ def test_environment(monkeypatch):
     monkeypatch.setenv("RANK", "one")
     with pytest.raises(AttAttrError, match="RANK='one' is not an integer"):
         from_environment("cpu")
+
+
+def test_cuda_rank_device(monkeypatch):
+    """cuda:LOCAL_RANK when the rank sees every GPU; cuda:0 when the launcher gave it one GPU
+    (CUDA_VISIBLE_DEVICES per rank); a LOCAL_RANK beyond the visible GPUs is a one-line error."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    for visible, expected in ((4, [3]), (1, [0])):
+        chosen.clear()
+        monkeypatch.setattr(torch.cuda, "device_count", lambda visible=visible: visible)
+        with pytest.raises(AttAttrError, match="MASTER_ADDR"):  # stops after choosing the device
+            from_environment("cuda")
+        assert chosen == expected
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(AttAttrError, match="LOCAL_RANK=3 but only 2 CUDA devices are visible"):
+        from_environment("cuda")
