@@ -89,16 +89,19 @@ def read_examples(path: str | Path) -> list[Example]:
 BUILTIN_SENTIMENT = "builtin:sentiment"  # the name the CLI's --input takes for the built-in sentences
 
 
+def _builtin_sentiment_file():
+    return resources.files("attattr_fast") / "data" / "sentiment.tsv"
+
+
 def builtin_sentiment_examples() -> list[Example]:
     """The project's balanced set of labelled review sentences (negative / positive)."""
-    path = resources.files("attattr_fast") / "data" / "sentiment.tsv"
-    with resources.as_file(path) as p:
+    with resources.as_file(_builtin_sentiment_file()) as p:
         return read_examples(p)
 
 
 def builtin_sentiment_bytes() -> bytes:
     """The built-in sentences' file as stored in the package (for checksums)."""
-    return (resources.files("attattr_fast") / "data" / "sentiment.tsv").read_bytes()
+    return _builtin_sentiment_file().read_bytes()
 
 
 def load_examples(source: str | Path) -> list[Example]:

@@ -161,6 +161,7 @@ def run_workload(kind: str, model, shape: dict, args, device, checkpoint=lambda 
     base = quantile_subset(lengths, args.baseline_examples)
 
     def summary() -> dict:
+        speedups(rows)
         return {"workload": kind, "description": WORKLOADS[kind], "lengths": lengths,
                 "pair_first_segment": pair_first, "mean_length": float(np.mean(lengths)),
                 "baseline_examples": base, "search_examples": search, "gausslegendre_nodes_matching_rr20": k_star,
@@ -259,10 +260,8 @@ def run_workload(kind: str, model, shape: dict, args, device, checkpoint=lambda 
                 print(f"  {name}: {row['seconds']:.2f} s for {len(n_all)} examples, error {row['rel_error']:.2e}; "
                       f"{same.seconds:.2f} s on the baselines' {len(base)}, error "
                       f"{row['on_baseline_examples']['rel_error']:.2e}")
-                speedups(rows)
                 checkpoint(summary())
 
-    speedups(rows)
     return summary()
 
 
@@ -357,13 +356,12 @@ def main(argv: list[str] | None = None) -> int:
     if threads_note:
         print(threads_note)
         env["threads_note"] = threads_note
+    kinds = args.workloads.split(",")
     name = "bench_compare" + ("-quick" if args.quick else "")
     if args.workloads != "a,b,c":
-        name += "-" + "+".join(args.workloads.split(","))
+        name += "-" + "+".join(kinds)
     started = time.perf_counter()
     results = []
-
-    kinds = args.workloads.split(",")
 
     def save(partial: dict | None = None) -> Path:
         """The JSON so far: rewritten at the start (replacing an older file) and after every row, so a run stopped
