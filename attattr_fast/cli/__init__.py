@@ -43,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _say(line: str) -> None:
+    """One line to stderr in one write: `print` writes the text and its newline separately, so the lines of
+    several processes sharing stderr (torchrun's ranks) could run together."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -57,14 +64,14 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
         return int(args.func(args) or 0)
     except AttAttrError as exc:
-        print(f"attattr-fast: error: {exc}", file=sys.stderr)
+        _say(f"attattr-fast: error: {exc}")
         return 2
     except OSError as exc:  # a disk that fills up or a path that vanishes mid-run
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"attattr-fast: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        _say(f"attattr-fast: error: {where}{exc.strerror or exc}")
         return 2
     except KeyboardInterrupt:
-        print("attattr-fast: interrupted", file=sys.stderr)
+        _say("attattr-fast: interrupted")
         return 130
 
 
