@@ -124,27 +124,33 @@ class AttentionAttribution:
 
         batch, length = input_ids.shape
         lengths = key_mask.sum(1)
-        rows_per_example = len(layers) * len(alphas)
-        rows_per_chunk = internal_batch_size or engine.default_rows_per_chunk(
-            adapter, int(lengths.max()), min(layers), row_weights.dtype, device
-        )
-        per_group = max(1, rows_per_chunk // rows_per_example)
-        order = torch.sort(lengths.cpu(), stable=True).indices  # similar lengths share a group
-        log.debug("rows per chunk %d, examples per group %d", rows_per_chunk, per_group)
+        lengths_host = lengths.cpu()  # the one read of the lengths on the host; the grouping needs them there
+        order = torch.sort(lengths_host, stable=True).indices  # similar lengths share a group
+        budget = engine.memory_budget(device) if internal_batch_size is None else None
+
+        def rows_for(n: int) -> int:
+            return internal_batch_size or engine.default_rows_per_chunk(
+                adapter, n, min(layers), row_weights.dtype, device, budget)
+
+        overhead = engine.GROUP_OVERHEAD_TOKENS.get(device.type, engine.GROUP_OVERHEAD_TOKENS["cuda"])
+        groups = engine.plan_groups(lengths_host[order].tolist(), len(layers) * len(alphas), rows_for, overhead)
+        log.debug("%d groups: (examples, rows per chunk) %s", len(groups), [(e - b, r) for b, e, r in groups])
 
         # The batch's results gather on result_device group by group, so a large batch bound for the CPU
         # never holds all of its [B, L', H, n, n] tensors on the GPU at once.
         result_device = torch.device(result_device)
         out = _Collector(batch, len(layers), adapter.n_heads, length, output == "full", result_device)
-        for begin in range(0, batch, per_group):
-            idx = order[begin : begin + per_group].to(device)
-            n = int(lengths[idx].max())  # each group runs at its own longest real length
+        for begin, end, rows_per_chunk in groups:
+            idx_host = order[begin:end]
+            n = int(lengths_host[idx_host].max())  # each group runs at its own longest real length
+            padded = int(lengths_host[idx_host].min()) < n
+            idx = idx_host.to(device, non_blocking=True)
             group = engine.attribute_group(
                 adapter, prefix_weights, row_weights,
                 input_ids[idx, :n], key_mask[idx, :n],
                 None if token_type_ids is None else token_type_ids[idx, :n],
                 None if target is None else target[idx],
-                layers, alphas, quad_weights, output == "full", rows_per_chunk, reduce_layer,
+                layers, alphas, quad_weights, output == "full", rows_per_chunk, reduce_layer, padded,
             )  # fmt: skip
             out.put(idx, n, group)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -87,7 +88,8 @@ def run_prefix(
 class Rows:
     """A chunk of rows, sorted by start layer. All tensors are indexed by row."""
 
-    start_layer: Tensor  # long [R], ascending
+    start_layer: list[int]  # ascending (on the host: the forward branches on it)
+    padded: bool  # some key is padding (a mask bias is needed)
     alpha: Tensor  # [R]
     hidden_in: Tensor  # [R, n, D]
     context: Tensor  # [R, H, n, d]
@@ -109,9 +111,9 @@ def forward_rows(adapter: EncoderAdapter, weights: Weights, rows: Rows, need_gra
     n_layers = adapter.n_layers
     top_shortcut = adapter.reads_first_token_only
     dtype = weights.dtype
-    starts = rows.start_layer.tolist()
+    starts = rows.start_layer
     first = starts[0]
-    bias = adapter.mask_bias(rows.key_mask, dtype) if not bool(rows.key_mask.all()) else None
+    bias = adapter.mask_bias(rows.key_mask, dtype) if rows.padded else None
     hidden = None  # states of the rows already running, in row order
     leaves = []
     begin = 0
@@ -169,19 +171,26 @@ def baseline_probability(adapter: EncoderAdapter, weights: Weights, rows: Rows) 
     return prob
 
 
-def gather_rows(prefix: Prefix, examples: Tensor, layers: list[int], layer_idx: Tensor, alpha: Tensor,
-                target: Tensor) -> tuple[Rows, Tensor]:
-    """Rows for (example, layers[layer_idx], alpha), sorted by start layer; also the sort order."""
-    start = torch.tensor(layers, device=examples.device)[layer_idx]
+def gather_rows(prefix: Prefix, examples: Tensor, start: Tensor, alpha: Tensor, target: Tensor,
+                padded: bool) -> tuple[Rows, Tensor]:
+    """Rows for (examples, start layers, alphas), sorted by start layer; also the sort order.
+
+    examples, start (long) and alpha are [R] host tensors: the bookkeeping needs no read from the device,
+    only index copies to it, so the host can queue the next chunk while the device runs this one."""
+    device = prefix.key_mask.device
     order = torch.sort(start, stable=True).indices
     examples, start = examples[order], start[order]
+    on_device = examples.to(device, non_blocking=True)
     hidden, context = [], []
-    for layer in sorted(set(start.tolist())):
-        block = examples[start == layer]  # contiguous after the sort
+    begin = 0
+    for layer, count in zip(*(t.tolist() for t in torch.unique_consecutive(start, return_counts=True))):
+        block = on_device[begin : begin + count]
         hidden.append(prefix.layers[layer].hidden_in.index_select(0, block))
         context.append(prefix.layers[layer].context.index_select(0, block))
-    rows = Rows(start_layer=start, alpha=alpha[order], hidden_in=torch.cat(hidden), context=torch.cat(context),
-                key_mask=prefix.key_mask[examples], target=target[examples])
+        begin += count
+    rows = Rows(start_layer=start.tolist(), padded=padded, alpha=alpha[order].to(device, non_blocking=True),
+                hidden_in=torch.cat(hidden), context=torch.cat(context), key_mask=prefix.key_mask[on_device],
+                target=target[on_device])
     return rows, order
 
 
@@ -195,17 +204,57 @@ def memory_budget(device: torch.device) -> int:
     return 1 << 30  # beyond a GiB the CPU gains nothing from bigger batches
 
 
-def default_rows_per_chunk(adapter: EncoderAdapter, n: int, lowest_layer: int, dtype: torch.dtype,
-                           device: torch.device, budget: int | None = None) -> int:
-    """Rows per chunk from a memory budget (bytes; None: `memory_budget(device)`): activations kept for the
-    backward of one row."""
+def row_bytes(adapter: EncoderAdapter, n: int, lowest_layer: int, dtype: torch.dtype) -> int:
+    """Activations one row at length n keeps for its backward, from `lowest_layer` up (bytes)."""
     item = torch.finfo(dtype).bits // 8
     intermediate = adapter.model.config.intermediate_size
     per_layer = n * (12 * adapter.hidden_size + 3 * intermediate) + 3 * adapter.n_heads * n * n
-    per_row = max(1, (adapter.n_layers - lowest_layer)) * per_layer * item
+    return max(1, (adapter.n_layers - lowest_layer)) * per_layer * item
+
+
+def default_rows_per_chunk(adapter: EncoderAdapter, n: int, lowest_layer: int, dtype: torch.dtype,
+                           device: torch.device, budget: int | None = None) -> int:
+    """Rows per chunk within a memory budget (bytes; None: `memory_budget(device)`), at most 8192."""
     if budget is None:
         budget = memory_budget(device)
-    return int(max(1, min(8192, budget // per_row)))
+    return int(max(1, min(8192, budget // row_bytes(adapter, n, lowest_layer, dtype))))
+
+
+# What one more group costs beyond its rows, in row-tokens (rows × padded length) of work: launches, the
+# per-group prefix and reductions, and on a GPU the lower efficiency of smaller products. CPU: fitted on
+# BERT-base (time = a + b · row-tokens, 2 cores: a/b ≈ 60–200). CUDA: from the bf16 products measured on an
+# H200 (bench/GPU_NOTES.md), [T, 768] @ [768, 768 | 3072] reach half their large-T rate near T ≈ 17k | 4k,
+# ≈ 8k weighted by FLOPs per layer, ≈ 16k row-tokens per chunk once the rows' staggered start is counted.
+GROUP_OVERHEAD_TOKENS = {"cpu": 128, "cuda": 16384}
+
+
+def plan_groups(sorted_lengths: list[int], rows_per_example: int, rows_for,
+                overhead_tokens: int) -> list[tuple[int, int, int]]:
+    """Splits examples (lengths ascending) into groups of consecutive examples: [(begin, end, rows per chunk)].
+
+    A group is padded to its longest length n and holds at most `rows_for(n)` rows (non-increasing in n),
+    so it runs as one chunk (one example whose rows exceed that runs in several). Among those splits it
+    takes the one with the least work: Σ over groups of overhead_tokens + examples · rows_per_example · n,
+    that is padding against fewer, larger chunks (dynamic programming over the group ends)."""
+    lengths = np.asarray(sorted_lengths, dtype=np.int64)
+    count = len(lengths)
+    rows_at = {int(n): rows_for(int(n)) for n in np.unique(lengths)}
+    cost = np.zeros(count + 1)  # cost[e]: least work for the first e examples
+    begin_of = np.zeros(count + 1, dtype=np.int64)
+    for end in range(1, count + 1):
+        n = int(lengths[end - 1])
+        first = max(0, end - max(1, rows_at[n] // rows_per_example))
+        starts = np.arange(first, end)
+        options = cost[first:end] + overhead_tokens + (end - starts) * rows_per_example * n
+        best = int(np.argmin(options))  # on a tie the earliest start: the larger group
+        cost[end], begin_of[end] = options[best], first + best
+    groups = []
+    end = count
+    while end > 0:
+        begin = int(begin_of[end])
+        groups.append((begin, end, rows_at[int(lengths[end - 1])]))
+        end = begin
+    return groups[::-1]
 
 
 @dataclass
@@ -237,12 +286,14 @@ def attribute_group(
     full_output: bool,
     rows_per_chunk: int,
     reduce_layer,
+    padded: bool = True,
 ) -> GroupResult:
     """Attributions for a group of examples padded to a common length (padding masked).
 
     `reduce_layer(state, context_grad, key_mask, full)` → (attributions [B, H, n, n] or None,
     head_max [B, H], head_argmax [B, H, 2], layer_attr [B, n, n]) is the backend: the torch ops in
-    this module or the Triton kernel.
+    this module or the Triton kernel. `padded`: some example is shorter than the group (False skips the
+    mask bias; the caller knows it on the host).
     """
     device = input_ids.device
     keep_qk = getattr(reduce_layer, "needs_qk", False)
@@ -252,31 +303,35 @@ def attribute_group(
         target = prefix.logits.argmax(-1)
     prob = target_probability(prefix.logits, target)
     n_ex, n_layers, n_nodes = input_ids.shape[0], len(layers), len(alphas)
+    alphas, quad_weights = alphas.cpu(), quad_weights.cpu()
 
     # Rows (example, layer, node) in that order, chunked; Ḡ accumulated with the quadrature weights.
-    example = torch.arange(n_ex, device=device).repeat_interleave(n_layers * n_nodes)
-    layer_idx = torch.arange(n_layers, device=device).repeat_interleave(n_nodes).repeat(n_ex)
-    node = torch.arange(n_nodes, device=device).repeat(n_ex * n_layers)
-    alphas, quad_weights = alphas.to(device), quad_weights.to(device)
+    # The row bookkeeping lives on the host (see gather_rows).
+    example = torch.arange(n_ex).repeat_interleave(n_layers * n_nodes)
+    layer_idx = torch.arange(n_layers).repeat_interleave(n_nodes).repeat(n_ex)
+    node = torch.arange(n_nodes).repeat(n_ex * n_layers)
+    start_of = torch.tensor(layers)
     ctx_shape = prefix.layers[layers[0]].context.shape[1:]
     grad_sum = torch.zeros((n_ex * n_layers, *ctx_shape), dtype=torch.float32, device=device)
     for begin in range(0, len(example), rows_per_chunk):
         span = slice(begin, begin + rows_per_chunk)
-        rows, order = gather_rows(prefix, example[span], layers, layer_idx[span], alphas[node[span]], target)
+        rows, order = gather_rows(prefix, example[span], start_of[layer_idx[span]], alphas[node[span]], target,
+                                  padded)
         _, grad = context_gradients(adapter, row_weights, rows)
-        slot = (example[span] * n_layers + layer_idx[span])[order]
-        grad_sum.index_add_(0, slot, grad * quad_weights[node[span]][order].view(-1, 1, 1, 1))
+        slot = (example[span] * n_layers + layer_idx[span])[order].to(device, non_blocking=True)
+        weight = quad_weights[node[span]][order].to(device, non_blocking=True)
+        grad_sum.index_add_(0, slot, grad * weight.view(-1, 1, 1, 1))
 
     # F(layer l's attention = 0): one row per (example, layer) at α = 0, no backward.
     baseline = torch.empty(n_ex * n_layers, dtype=torch.float32, device=device)
-    base_example = torch.arange(n_ex, device=device).repeat_interleave(n_layers)
-    base_layer = torch.arange(n_layers, device=device).repeat(n_ex)
+    base_example = torch.arange(n_ex).repeat_interleave(n_layers)
+    base_layer = torch.arange(n_layers).repeat(n_ex)
     for begin in range(0, len(base_example), rows_per_chunk):
         span = slice(begin, begin + rows_per_chunk)
-        zero = torch.zeros(len(base_example[span]), device=device)
-        rows, order = gather_rows(prefix, base_example[span], layers, base_layer[span], zero, target)
-        baseline[(base_example[span] * n_layers + base_layer[span])[order]] = baseline_probability(
-            adapter, row_weights, rows)
+        zero = torch.zeros(len(base_example[span]))
+        rows, order = gather_rows(prefix, base_example[span], start_of[base_layer[span]], zero, target, padded)
+        slot = (base_example[span] * n_layers + base_layer[span])[order].to(device, non_blocking=True)
+        baseline[slot] = baseline_probability(adapter, row_weights, rows)
 
     grad_sum = grad_sum.view(n_ex, n_layers, *ctx_shape)
     head_max, head_argmax, layer_attr, attr_sum, attributions, attention = [], [], [], [], [], []

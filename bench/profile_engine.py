@@ -4,8 +4,11 @@ One engine call on the workload-(a) examples of bench_compare (BERT-base shape, 
 full output) under torch.profiler, per (backend, dtype, rule) case. Per case: wall time, the summed GPU kernel
 time and its share of the wall (the rest is the GPU waiting on the host: launches, syncs, Python), kernel
 launches, host syncs, GPU time by category (matmuls, attention, the Triton reduction, copies, element-wise and
-normalisation) and the top kernels. Before that, the ceilings measured on this device: a large bf16 and a
-float32 matrix product, and bf16 products at the engine's own shapes (rows·n tokens × 768 → 768/3072).
+normalisation), the top kernels, and the groups the engine ran (examples, padded length, rows per chunk; the
+padding they computed). Before that, the ceilings measured on this device: a large bf16 and a float32
+matrix product, and bf16 products at the engine's own shapes (rows·n tokens × 768 → 768/3072); after the
+cases, how one engine call's time grows with its work (equal lengths, one group: time = a + b · row-tokens),
+whose a/b is the per-group overhead `engine.GROUP_OVERHEAD_TOKENS` stands for.
 
     python bench/profile_engine.py                 # GPU: 256 examples (a), bf16 and float32, triton, rr 20 + gl 3
     python bench/profile_engine.py --quick         # CPU smoke test: small shape, 4 examples, CPU activity only
@@ -16,6 +19,7 @@ Writes bench/results/<device>-profile_engine[-quick].json.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
 import time
@@ -32,7 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import bench_compare  # noqa: E402
 import common  # noqa: E402
 
-from attattr_fast import AttentionAttribution  # noqa: E402
+from attattr_fast import AttentionAttribution, engine  # noqa: E402
 
 # Kernel-name substrings per category, first match wins (lower-cased names).
 CATEGORIES = (
@@ -84,9 +88,38 @@ def ceilings(device) -> dict:
     return out
 
 
-def profile_case(call, device, flops: float) -> dict:
+class GroupLog:
+    """Records the groups `engine.attribute_group` runs: (examples, padded length, rows per chunk, real tokens)."""
+
+    def __init__(self):
+        self.groups: list[tuple[int, int, int, int]] = []
+        self._real = engine.attribute_group
+
+    def __enter__(self):
+        def spy(*args, **kwargs):
+            call = inspect.signature(self._real).bind(*args, **kwargs).arguments
+            ids, mask = call["input_ids"], call["key_mask"]
+            self.groups.append((ids.shape[0], ids.shape[1], call["rows_per_chunk"], int(mask.sum())))
+            return self._real(*args, **kwargs)
+
+        engine.attribute_group = spy
+        return self
+
+    def __exit__(self, *exc):
+        engine.attribute_group = self._real
+
+    def summary(self, rows_per_example: int) -> dict:
+        padded = sum(b * n for b, n, _, _ in self.groups)
+        real = sum(t for *_, t in self.groups)
+        return {"groups": [list(g[:3]) for g in self.groups], "padding_fraction": padded / real - 1,
+                "row_tokens_per_group_mean": rows_per_example * padded / len(self.groups)}
+
+
+def profile_case(call, device, flops: float, rows_per_example: int) -> dict:
     call()  # warm-up (Triton compilation, cuBLAS handles)
     common.synchronize(device)
+    with GroupLog() as groups:
+        call()  # the plan, outside the profile (its spy reads the mask on the host)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         t0 = time.perf_counter()
@@ -108,6 +141,7 @@ def profile_case(call, device, flops: float) -> dict:
     gpu_s = sum(by_cat.values()) / 1e6
     top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:15]
     return {
+        "plan": groups.summary(rows_per_example),
         "wall_s": wall, "gpu_kernel_s": gpu_s, "gpu_busy_fraction": gpu_s / wall if device.type == "cuda" else None,
         "tflops_wall": flops / wall / 1e12, "tflops_gpu_busy": flops / gpu_s / 1e12 if gpu_s else None,
         "kernel_launches": launches, "host_syncs_and_copies": syncs,
@@ -116,6 +150,29 @@ def profile_case(call, device, flops: float) -> dict:
         "cpu_top_ops": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
         if device.type != "cuda" else None,
     }
+
+
+def group_scaling(aa, device, vocab_size: int, dtype, n: int = 24, counts=(1, 4, 16, 64)) -> dict:
+    """One group of `count` equal-length examples per call (gausslegendre 2, all layers, reduced output):
+    median time against row-tokens (count · rows per example · n), and the least-squares a + b · T."""
+    rows_per_example = 2 * aa.adapter.n_layers
+    tokens, seconds = [], []
+    for count in counts:
+        ids, mask, types = (t.to(device) for t in common.random_batch([n] * count, vocab_size, seed=count))
+
+        def call(ids=ids, mask=mask, types=types, rows=count * rows_per_example):
+            return aa.attribute(ids, mask, types, method="gausslegendre", n_steps=2, dtype=dtype, backend="torch",
+                                output="reduced", internal_batch_size=rows, result_device=device)
+
+        timing = common.measure(call, device, repeats=3, warmup=1)
+        tokens.append(count * rows_per_example * n)
+        seconds.append(timing.seconds)
+        print(f"  group scaling: {count:3d} examples, {tokens[-1]:6d} row-tokens: {1e3 * timing.seconds:8.1f} ms")
+    b, a = np.polyfit(tokens, seconds, 1)
+    print(f"  fit: a = {1e3 * a:.2f} ms per group, b = {1e6 * b:.3f} us per row-token, a/b = {a / b:.0f} row-tokens "
+          f"(engine.GROUP_OVERHEAD_TOKENS: {engine.GROUP_OVERHEAD_TOKENS})")
+    return {"n": n, "row_tokens": tokens, "seconds": seconds, "a_s": a, "b_s_per_row_token": b,
+            "overhead_row_tokens": a / b}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                                 output="full", internal_batch_size=chunk, result_device=device)
 
         try:
-            res = profile_case(call, device, flops)
+            res = profile_case(call, device, flops, rows_per_example=shape["layers"] * int(steps))
         except Exception as exc:  # one failing case must not lose the others
             print(f"\n== {case}: failed: {type(exc).__name__}: {exc}")
             payload["cases"][case] = {"error": f"{type(exc).__name__}: {exc}"}
@@ -172,10 +229,17 @@ def main(argv: list[str] | None = None) -> int:
         busy = f", GPU busy {100 * res['gpu_busy_fraction']:.0f}%" if gpu else ""
         print(f"\n== {case}: wall {res['wall_s']:.3f} s, {res['tflops_wall']:.1f} TFLOP/s{busy}, "
               f"{res['kernel_launches']} launches, {res['host_syncs_and_copies']} syncs/copies")
+        plan = res["plan"]
+        print(f"   {len(plan['groups'])} groups, padding {100 * plan['padding_fraction']:.0f}%, "
+              f"{plan['row_tokens_per_group_mean']:.0f} row-tokens per group")
         for cat, secs in res["gpu_seconds_by_category"].items():
             print(f"   {cat:30s} {secs:8.4f} s")
         for k in res["top_kernels"][:8]:
             print(f"   {k['gpu_s']:8.4f} s {k['calls']:6d}x  {k['name'][:90]}")
+    print("\n== group scaling (time = a + b · row-tokens)")
+    payload["group_scaling"] = group_scaling(aa, device, model.config.vocab_size,
+                                             torch.bfloat16 if gpu else None, counts=(1, 2, 4) if args.quick else
+                                             (1, 4, 16, 64))  # fmt: skip
     path = common.write_json(payload, "profile_engine" + ("-quick" if args.quick else ""), device, args.out)
     print(f"\nwrote {path}")
     return 0

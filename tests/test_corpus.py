@@ -4,6 +4,7 @@ Every run is compared with an independent computation: a direct `AttentionAttrib
 example, or an uninterrupted run of the same command.
 """
 
+import inspect
 import json
 import os
 import random
@@ -387,13 +388,16 @@ def test_out_of_memory_halves_the_chunk_and_loses_nothing(tmp_path, reference, p
     real, calls = engine.attribute_group, []
 
     def attribute_group(*args):
-        rows, examples, per_example = args[-2], args[3].shape[0], len(args[7]) * len(args[8])
-        calls.append(min(rows, examples * per_example))  # the rows the call really runs at once
+        call = inspect.signature(real).bind(*args).arguments
+        rows, examples = call["rows_per_chunk"], call["input_ids"].shape[0]
+        calls.append(min(rows, examples * len(call["layers"]) * len(call["alphas"])))  # rows run at once
         if len(calls) in (3, 4):  # the third call fails, and its retry with half the rows once more
             raise torch.OutOfMemoryError(f"CUDA out of memory (injected, {rows} rows)")
         return real(*args)
 
     monkeypatch.setattr(engine, "attribute_group", attribute_group)
+    # one group per engine call (no split by length inside a call), so the calls above are the planner's
+    monkeypatch.setitem(engine.GROUP_OVERHEAD_TOKENS, "cpu", 1 << 40)
     stats = run_library(aa, corpus, targets, tmp_path / "out")
     # Each retry runs at most half the rows of the call that failed (not half of a larger planner figure,
     # which would repeat the same work when the batch was short).

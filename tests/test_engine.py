@@ -2,6 +2,7 @@
 
 import copy
 import functools
+import inspect
 import subprocess
 import sys
 
@@ -91,6 +92,79 @@ def test_chunking_layer_subset_and_determinism():
     assert subset.layers == [2, 0]
     again = aa.attribute(ids, mask, types, n_steps=5, backend="torch")
     assert torch.equal(again.attributions, whole.attributions)
+
+
+def _splits(count):
+    """Every split of range(count) into consecutive groups, as lists of (begin, end)."""
+    if count == 0:
+        yield []
+        return
+    for first in range(1, count + 1):
+        for rest in _splits(count - first):
+            yield [(0, first)] + [(b + first, e + first) for b, e in rest]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_plan_groups_is_the_cheapest_split_that_fits(seed):
+    from attattr_fast.engine import plan_groups
+
+    rng = np.random.default_rng(seed)
+    lengths = sorted(rng.integers(2, 40, size=9).tolist())
+    rows_per_example, overhead = int(rng.integers(1, 7)), int(rng.choice([0, 20, 150, 2000]))
+
+    def rows_for(n):
+        return 600 // n
+
+    def fits(b, e):
+        return e - b == 1 or (e - b) * rows_per_example <= rows_for(lengths[e - 1])
+
+    def work(split):
+        return sum(overhead + (e - b) * rows_per_example * lengths[e - 1] for b, e in split)
+
+    groups = plan_groups(lengths, rows_per_example, rows_for, overhead)
+    split = [(b, e) for b, e, _ in groups]
+    assert [b for b, _ in split] == [0] + [e for _, e in split[:-1]] and split[-1][1] == len(lengths)
+    assert all(fits(b, e) and rows == rows_for(lengths[e - 1]) for b, e, rows in groups)
+    brute = min(work(s) for s in _splits(len(lengths)) if all(fits(b, e) for b, e in s))
+    assert work(split) == brute
+
+
+def test_plan_groups_trades_padding_against_group_count():
+    from attattr_fast.engine import plan_groups
+
+    lengths = [5] * 4 + [40] * 4
+    # no overhead: no padding; a large one: one group, as the rows allow
+    assert plan_groups(lengths, 2, lambda n: 100, 0) == [(0, 4, 100), (4, 8, 100)]
+    assert plan_groups(lengths, 2, lambda n: 100, 10_000) == [(0, 8, 100)]
+    assert len(plan_groups(lengths, 2, lambda n: 6, 10_000)) == 3  # the fewest groups of 3 examples (6 rows)
+    assert plan_groups([7], 500, lambda n: 3, 0) == [(0, 1, 3)]  # one example in several chunks
+
+
+def test_default_grouping_sizes_groups_by_their_length(monkeypatch):
+    from attattr_fast import engine
+
+    model = tiny_classifier("bert", layers=2)
+    ids, mask, types = padded_batch(model, [3, 12, 3, 4, 12])
+    aa = AttentionAttribution(model)
+    whole = aa.attribute(ids, mask, types, n_steps=3, backend="torch", internal_batch_size=1000)
+    # 2 layers × 3 nodes = 6 rows per example; a budget of 8 rows at length 12 (one long example per group)
+    # leaves the three short examples room to share one chunk, as sizing by the longest (12) would not
+    budget = 8 * engine.row_bytes(aa.adapter, 12, 0, torch.float32)
+    monkeypatch.setattr(engine, "memory_budget", lambda device: budget)
+    calls = []
+    real = engine.attribute_group
+
+    def spy(*args, **kwargs):
+        call = inspect.signature(real).bind(*args, **kwargs).arguments
+        calls.append((*call["input_ids"].shape, call["rows_per_chunk"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "attribute_group", spy)
+    grouped = aa.attribute(ids, mask, types, n_steps=3, backend="torch")
+    assert [(b, n) for b, n, _ in calls] == [(3, 4), (1, 12), (1, 12)], calls
+    assert calls[0][2] > calls[1][2]  # the short group's chunk holds more rows
+    assert_close_per_layer(grouped.attributions, whole.attributions)
+    torch.testing.assert_close(grouped.delta, whole.delta, atol=1e-6, rtol=0)
 
 
 def test_position_zero_head_leaves_only_row_zero_of_the_last_layer():
