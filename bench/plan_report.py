@@ -1,0 +1,75 @@
+"""The groups the engine plans for a workload at a given memory budget: no model run, no device needed.
+
+For each group: examples, the padded length, rows per chunk; in total the padding computed and the mean
+row-tokens (rows × padded length) per group. `--sized-by-longest` shows the grouping used up to the H200
+session of 2026-11-30 (fixed-size groups, each sized by the batch's longest example) for comparison.
+
+    python bench/plan_report.py --budget 69.5e9                         # workload (a), 256, bf16 gl 2 and rr 20
+    python bench/plan_report.py --workload c --budget 69.5e9 --sized-by-longest
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_compare  # noqa: E402
+import common  # noqa: E402
+
+from attattr_fast import engine  # noqa: E402
+from attattr_fast.adapters import adapter_for  # noqa: E402
+
+
+def plan(adapter, lengths: list[int], rows_per_example: int, dtype, budget: int, device_type: str,
+         sized_by_longest: bool) -> list[tuple[int, int, int]]:
+    srt = sorted(lengths)
+
+    def rows_for(n: int) -> int:
+        return engine.default_rows_per_chunk(adapter, n, 0, dtype, torch.device(device_type), budget)
+
+    if sized_by_longest:
+        rows = rows_for(srt[-1])
+        per = max(1, rows // rows_per_example)
+        return [(b, min(b + per, len(srt)), rows) for b in range(0, len(srt), per)]
+    return engine.plan_groups(srt, rows_per_example, rows_for, engine.GROUP_OVERHEAD_TOKENS[device_type])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workload", default="a", choices=sorted(bench_compare.WORKLOADS))
+    parser.add_argument("--examples", type=int, default=256)
+    parser.add_argument("--budget", type=float, required=True, help="bytes for the rows of one chunk")
+    parser.add_argument("--device-type", default="cuda", choices=sorted(engine.GROUP_OVERHEAD_TOKENS))
+    parser.add_argument("--dtype", default="bf16", choices=sorted(bench_compare.DTYPES))
+    parser.add_argument("--cases", default="gausslegendre:2,riemann_right:20", help="comma list of method:steps")
+    parser.add_argument("--sized-by-longest", action="store_true", help="the grouping before plan_groups")
+    args = parser.parse_args(argv)
+    model = common.random_bert(**bench_compare.SHAPES["bert-base"], seed=0, device=torch.device("meta"))
+    adapter = adapter_for(model)
+    lengths, _ = bench_compare.workload_lengths(args.workload, args.examples, seed=ord(args.workload))
+    srt = sorted(lengths)
+    policy = "sized by the longest" if args.sized_by_longest else "plan_groups"
+    print(f"workload ({args.workload}), {len(lengths)} examples, mean length {np.mean(lengths):.1f}; budget "
+          f"{args.budget / 1e9:.1f} GB, {args.dtype}, {policy}")
+    for case in args.cases.split(","):
+        method, steps = case.split(":")
+        rows_per_example = adapter.n_layers * int(steps)
+        groups = plan(adapter, lengths, rows_per_example, bench_compare.DTYPES[args.dtype], int(args.budget),
+                      args.device_type, args.sized_by_longest)
+        padded = sum((e - b) * srt[e - 1] for b, e, _ in groups)
+        row_tokens = [(e - b) * rows_per_example * srt[e - 1] for b, e, _ in groups]
+        print(f"  {method} {steps}: {len(groups)} groups, padding {padded / sum(srt) - 1:.0%}, row-tokens per group "
+              f"mean {np.mean(row_tokens):.0f}, min {min(row_tokens)}")
+        print("    (examples, padded length, rows per chunk): "
+              + ", ".join(f"({e - b}, {srt[e - 1]}, {r})" for b, e, r in groups))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
