@@ -221,10 +221,12 @@ def default_rows_per_chunk(adapter: EncoderAdapter, n: int, lowest_layer: int, d
 
 
 # What one more group costs beyond its rows, in row-tokens (rows × padded length) of work: launches, the
-# per-group prefix and reductions, and on a GPU the lower efficiency of smaller products. CPU: fitted on
-# BERT-base (time = a + b · row-tokens, 2 cores: a/b ≈ 60–200). CUDA: from the bf16 products measured on an
-# H200 (bench/GPU_NOTES.md), [T, 768] @ [768, 768 | 3072] reach half their large-T rate near T ≈ 17k | 4k,
-# ≈ 8k weighted by FLOPs per layer, ≈ 16k row-tokens per chunk once the rows' staggered start is counted.
+# per-group prefix and reductions, and on a GPU the lower efficiency of smaller products. CPU: one group's
+# time a + b · row-tokens fitted on BERT-base, 2 cores (bench/profile_engine.py, group_scaling): a/b 60–190.
+# CUDA: not yet fitted on engine timings; from the bf16 products measured on an H200 (bench/GPU_NOTES.md),
+# rate = peak · T / (T + T0) through T = 4k and 64k tokens gives T0 ≈ 17k for [T, 768] @ [768, 768] and 4k
+# for @ [768, 3072], ≈ 8k weighted by FLOPs per layer, ≈ 16k row-tokens per chunk once the rows' staggered
+# start layers are counted.
 GROUP_OVERHEAD_TOKENS = {"cpu": 128, "cuda": 16384}
 
 
