@@ -14,11 +14,17 @@ setting) to bench/results/.
     python bench/bench_kernel.py                  # the settings above
     python bench/bench_kernel.py --n 512 --dtypes float32
     python bench/bench_kernel.py --quick          # CI smoke run: one small n, 4 heads, float32
+    python bench/bench_kernel.py --configs default 32:8 64:8   # launch configurations (tile:warps) compared
+
+`--configs` times the kernel under each launch configuration in place of `launch_config`'s (ptxas, run
+offline for sm_90a, reports register spills at 4 warps for float32 tiles of 32 and 64 and bf16 tiles of 64;
+none at 8 warps except float32 tile 64: bench/GPU_NOTES.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -98,11 +104,35 @@ def measure(fn, device: str) -> tuple[float, float]:
     return float(ms), float(peak)
 
 
-def time_both(torch_state, kernel_state, grad, mask, full: bool, device: str, batch: int) -> dict:
+def time_torch(torch_state, grad, mask, full: bool, device: str, batch: int) -> dict:
     torch_ms, torch_mib = measure(lambda: reduce_layer_torch(torch_state, grad, mask, full), device)
+    return dict(torch_ms=torch_ms, torch_peak_mib_per_example=torch_mib / batch)
+
+
+def time_kernel(kernel_state, grad, mask, full: bool, device: str, batch: int) -> dict:
     kernel_ms, kernel_mib = measure(lambda: ar.reduce_layer_triton(kernel_state, grad, mask, full), device)
-    per_example = dict(torch_peak_mib_per_example=torch_mib / batch, kernel_peak_mib_per_example=kernel_mib / batch)
-    return dict(torch_ms=torch_ms, kernel_ms=kernel_ms, speedup=torch_ms / kernel_ms, **per_example)
+    return dict(kernel_ms=kernel_ms, kernel_peak_mib_per_example=kernel_mib / batch)
+
+
+@contextlib.contextmanager
+def launch_override(config: str):
+    """'default', or 'tile:warps' in place of launch_config's tile size and warp count."""
+    if config == "default":
+        yield
+        return
+    tile, warps = (int(x) for x in config.split(":"))
+    real = ar.launch_config
+
+    def override(seq_len: int, head_dim: int) -> ar.LaunchConfig:
+        cfg = real(seq_len, head_dim)
+        return ar.LaunchConfig(block_m=tile, block_n=tile, block_d=cfg.block_d, num_warps=warps,
+                               num_stages=cfg.num_stages)
+
+    ar.launch_config = override
+    try:
+        yield
+    finally:
+        ar.launch_config = real
 
 
 
@@ -115,7 +145,12 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=8192, help="examples per call = max(1, tokens // n)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/...)")
     parser.add_argument("--quick", action="store_true", help="smoke run: n=24, 4 heads, float32 (CI)")
+    parser.add_argument("--configs", nargs="+", default=["default"],
+                        help="launch configurations to compare: 'default' or tile:warps (e.g. 32:8)")
     args = parser.parse_args(argv)
+    for config in args.configs:
+        if config != "default" and not (len(config.split(":")) == 2 and all(x.isdigit() for x in config.split(":"))):
+            parser.error(f"--configs: {config!r} is neither 'default' nor tile:warps")
     if args.quick:
         args.n, args.dtypes, args.heads = args.n or [24], ["float32"], 4
 
@@ -136,22 +171,28 @@ def main(argv=None) -> int:
                 batch, args.heads, n, args.head_dim, dtype, device, seed=n)
             for output in ("full", "reduced"):
                 full = output == "full"
-                row = {"dtype": dtype_name, "n": n, "batch": batch, "lengths": lengths, "output": output}
-                row["check"] = check(torch_state, kernel_state, grad, mask, dtype, full)
-                if ON_GPU and row["check"]["ok"]:
-                    row.update(time_both(torch_state, kernel_state, grad, mask, full, device, batch))
-                rows.append(row)
+                torch_timing = time_torch(torch_state, grad, mask, full, device, batch) if ON_GPU else {}
+                for config in args.configs:
+                    row = {"dtype": dtype_name, "n": n, "batch": batch, "lengths": lengths, "output": output,
+                           "config": config}
+                    with launch_override(config):
+                        row["check"] = check(torch_state, kernel_state, grad, mask, dtype, full)
+                        if ON_GPU and row["check"]["ok"]:
+                            row.update(torch_timing, **time_kernel(kernel_state, grad, mask, full, device, batch))
+                            row["speedup"] = row["torch_ms"] / row["kernel_ms"]
+                    rows.append(row)
                 if ON_GPU:
                     torch.cuda.empty_cache()
             del torch_state, kernel_state, grad, mask
 
-    header = f"{'dtype':>8} {'n':>5} {'B':>3} {'output':>7} {'check':>5}"
+    header = f"{'dtype':>8} {'n':>5} {'B':>3} {'output':>7} {'config':>7} {'check':>5}"
     if ON_GPU:
         header += f" {'torch ms':>9} {'kernel ms':>9} {'speedup':>7} {'torch MiB/ex':>12} {'kernel MiB/ex':>13}"
     print(f"device: {device_name}; H={args.heads}, d={args.head_dim}")
     print(header)
     for r in rows:
-        line = f"{r['dtype']:>8} {r['n']:>5} {r['batch']:>3} {r['output']:>7} {'ok' if r['check']['ok'] else 'FAIL':>5}"
+        line = f"{r['dtype']:>8} {r['n']:>5} {r['batch']:>3} {r['output']:>7} {r['config']:>7}"
+        line += f" {'ok' if r['check']['ok'] else 'FAIL':>5}"
         if "torch_ms" in r:
             line += f" {r['torch_ms']:>9.3f} {r['kernel_ms']:>9.3f} {r['speedup']:>7.2f}"
             line += f" {r['torch_peak_mib_per_example']:>12.1f} {r['kernel_peak_mib_per_example']:>13.1f}"
@@ -169,7 +210,8 @@ def main(argv=None) -> int:
         "settings": {"heads": args.heads, "head_dim": args.head_dim, "n": lengths_n, "dtypes": args.dtypes,
                      "tokens_per_call": args.tokens, "context_grad_dtype": "float32", "lse_dtype": "float32",
                      "timer": "triton.testing.do_bench(warmup=25, rep=200, median)" if ON_GPU else None,
-                     "launch_config": {str(n): vars(ar.launch_config(n, args.head_dim)) for n in lengths_n}},
+                     "launch_config": {str(n): vars(ar.launch_config(n, args.head_dim)) for n in lengths_n},
+                     "configs": args.configs},
         "rows": rows,
     }  # fmt: skip
     slug = common.device_slug(torch.device(device)) + ("" if ON_GPU else "-interpreter")

@@ -6,9 +6,10 @@
 #   2. triton_compile_probe.py with an empty Triton cache (first vs second launch per specialisation)
 #   3. the GPU-marked tests (kernel vs torch ops, int64 offsets, engine triton vs torch)
 #   4. profile_engine.py (the device's matmul ceilings; where the engine's GPU time goes), $PROFILE_ARGS
-#   5. bench_compare.py on $WORKLOADS (default a), $COMPARE_ARGS passed on, at most $COMPARE_LIMIT s each
-#   6. bench_kernel.py at n = 128, 512, 2048, float32 and bf16
-# STEPS (default "probe tests profile compare kernel") picks steps; every step's log goes to $OUT too, with
+#   5. bench_kernel.py at n = 128, 512, 2048, float32 and bf16, launch configurations $KERNEL_CONFIGS
+#      (default: launch_config's, and tiles 32 and 64 at 8 warps, which ptxas reports free of spills)
+#   6. bench_compare.py on $WORKLOADS (default a), $COMPARE_ARGS passed on, at most $COMPARE_LIMIT s each
+# STEPS (default "probe tests profile kernel compare") picks steps; every step's log goes to $OUT too, with
 # the result JSONs this run wrote (not older ones).
 # Results land in bench/results/ (commit them) and are copied to $OUT when it is set (the device tool).
 #
@@ -21,7 +22,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 python=${PYTHON:-python3}
 results=bench/results
 budget=${BUDGET:-560}
-steps=${STEPS:-probe tests profile compare kernel}
+steps=${STEPS:-probe tests profile kernel compare}
 out=${OUT:-/tmp/gpu_session}; mkdir -p "$out"
 log() { echo "== $(date +%H:%M:%S) [${SECONDS}s] $*"; }
 # step LIMIT CMD...: run CMD for at most LIMIT seconds and never past the budget; skip it when < 30 s are left
@@ -58,16 +59,16 @@ if want profile; then
     step ${PROFILE_LIMIT:-120} $python bench/profile_engine.py ${PROFILE_ARGS---examples 128} 2>&1 | tee "$out/profile.log" | tail -60
     copy_out
 fi
+if want kernel; then
+    log "kernel benchmark"
+    step 90 $python bench/bench_kernel.py --configs ${KERNEL_CONFIGS:-default 32:8 64:8} 2>&1 | tee "$out/kernel.log" | tail -40
+    copy_out
+fi
 if want compare; then
     for workload in ${WORKLOADS:-a}; do
         log "bench_compare workload $workload"
         step ${COMPARE_LIMIT:-240} $python bench/bench_compare.py --workloads "$workload" ${COMPARE_ARGS:-} 2>&1 | tee "$out/compare-$workload.log"
         copy_out
     done
-fi
-if want kernel; then
-    log "kernel benchmark"
-    step 45 $python bench/bench_kernel.py 2>&1 | tee "$out/kernel.log" | tail -20
-    copy_out
 fi
 log "done"
