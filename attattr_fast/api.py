@@ -127,13 +127,14 @@ class AttentionAttribution:
         lengths_host = lengths.cpu()  # the one read of the lengths on the host; the grouping needs them there
         order = torch.sort(lengths_host, stable=True).indices  # similar lengths share a group
         budget = engine.memory_budget(device) if internal_batch_size is None else None
+        rows_per_example = len(layers) * len(alphas)
 
         def rows_for(n: int) -> int:
             return internal_batch_size or engine.default_rows_per_chunk(
                 adapter, n, min(layers), row_weights.dtype, device, budget)
 
         overhead = engine.GROUP_OVERHEAD_TOKENS.get(device.type, engine.GROUP_OVERHEAD_TOKENS["cuda"])
-        groups = engine.plan_groups(lengths_host[order].tolist(), len(layers) * len(alphas), rows_for, overhead)
+        groups = engine.plan_groups(lengths_host[order].tolist(), rows_per_example, rows_for, overhead)
         log.debug("%d groups: (examples, rows per chunk) %s", len(groups), [(e - b, r) for b, e, r in groups])
 
         # The batch's results gather on result_device group by group, so a large batch bound for the CPU
@@ -145,13 +146,17 @@ class AttentionAttribution:
             n = int(lengths_host[idx_host].max())  # each group runs at its own longest real length
             padded = int(lengths_host[idx_host].min()) < n
             idx = idx_host.to(device, non_blocking=True)
-            group = engine.attribute_group(
-                adapter, prefix_weights, row_weights,
-                input_ids[idx, :n], key_mask[idx, :n],
-                None if token_type_ids is None else token_type_ids[idx, :n],
-                None if target is None else target[idx],
-                layers, alphas, quad_weights, output == "full", rows_per_chunk, reduce_layer, padded,
-            )  # fmt: skip
+            try:
+                group = engine.attribute_group(
+                    adapter, prefix_weights, row_weights,
+                    input_ids[idx, :n], key_mask[idx, :n],
+                    None if token_type_ids is None else token_type_ids[idx, :n],
+                    None if target is None else target[idx],
+                    layers, alphas, quad_weights, output == "full", rows_per_chunk, reduce_layer, padded,
+                )  # fmt: skip
+            except engine.OUT_OF_MEMORY as exc:  # what the failing chunk held, for a caller that retries smaller
+                exc.rows_in_chunk = min(rows_per_chunk, (end - begin) * rows_per_example)
+                raise
             out.put(idx, n, group)
 
         delta = out.attr_sum - (out.prob.unsqueeze(1) - out.baseline)

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 SHARD_BYTES = 256 << 20  # a shard is held in memory until it is written; this bounds it for long inputs
 MAX_EXAMPLES_PER_CALL = 1024
 MANIFEST_INTERVAL_S = 10.0  # rank 0 refreshes manifest.json at most this often while running
-OUT_OF_MEMORY = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),)
+OUT_OF_MEMORY = engine.OUT_OF_MEMORY
 DTYPE_NAMES = {None: "float32", torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -166,10 +166,11 @@ class ChunkPlanner:
             cap = min(cap, self.batch_size)
         return max(1, min(self.rows(n) // self.rows_per_example, int(cap * self.scale)))
 
-    def shrink(self, n: int, batch_len: int) -> bool:
-        """After an out-of-memory error: half the rows (and examples) the failed call used, which can be fewer
-        than `rows(n)` when the batch was short; False when one row of one example already failed."""
-        used = min(self.rows(n), batch_len * self.rows_per_example)
+    def shrink(self, n: int, batch_len: int, rows_in_chunk: int | None = None) -> bool:
+        """After an out-of-memory error: half the rows (and examples) the failed chunk held (`rows_in_chunk`,
+        which `attribute` puts on the error; without it, what the call could have held at most), which can be
+        fewer than `rows(n)` when the batch or its group was short; False when one row of one example failed."""
+        used = min(self.rows(n), batch_len * self.rows_per_example, rows_in_chunk or self.rows(n))
         if used <= 1 and batch_len <= 1:
             return False
         self.scale *= used / (2 * self.rows(n))
@@ -240,10 +241,10 @@ def iter_batches(aa: AttentionAttribution, corpus: PreparedCorpus, indices: list
         try:
             res = aa.attribute(enc.input_ids[batch, :n], enc.attention_mask[batch, :n], enc.token_type_ids[batch, :n],
                                target=target, top_k=top_k, internal_batch_size=rows, **options)  # fmt: skip
-        except OUT_OF_MEMORY:
-            res = None
+        except OUT_OF_MEMORY as exc:
+            res, failed_rows = None, getattr(exc, "rows_in_chunk", None)
         if res is None:  # outside the handler, so the failed call's tensors are already freed
-            if not planner.shrink(n, len(batch)):
+            if not planner.shrink(n, len(batch), failed_rows):
                 raise AttAttrError(f"out of memory on example {batch[0]} ({n} tokens) even with one row per chunk; "
                                    "target fewer --layers, use --output reduced, or a device with more memory")
             if counters is not None:

@@ -27,6 +27,9 @@ from attattr_fast.adapters import EncoderAdapter, Weights
 
 log = logging.getLogger(__name__)
 
+# What a chunk too large for the device raises (torch.OutOfMemoryError from torch 2.5, before: the CUDA one).
+OUT_OF_MEMORY = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),)
+
 
 @dataclass
 class LayerState:
@@ -221,13 +224,14 @@ def default_rows_per_chunk(adapter: EncoderAdapter, n: int, lowest_layer: int, d
 
 
 # What one more group costs beyond its rows, in row-tokens (rows × padded length) of work: launches, the
-# per-group prefix and reductions, and on a GPU the lower efficiency of smaller products. CPU: one group's
-# time a + b · row-tokens fitted on BERT-base, 2 cores (bench/profile_engine.py, group_scaling): a/b 60–190.
-# CUDA: not yet fitted on engine timings; from the bf16 products measured on an H200 (bench/GPU_NOTES.md),
-# rate = peak · T / (T + T0) through T = 4k and 64k tokens gives T0 ≈ 17k for [T, 768] @ [768, 768] and 4k
-# for @ [768, 3072], ≈ 8k weighted by FLOPs per layer, ≈ 16k row-tokens per chunk once the rows' staggered
-# start layers are counted.
-GROUP_OVERHEAD_TOKENS = {"cpu": 128, "cuda": 16384}
+# per-group prefix and reductions, and on a GPU the lower efficiency of smaller products. Measured by
+# `python bench/profile_engine.py --scaling-only` (the same sentences split into more groups). CPU: 360 on
+# BERT-base, 2 shared cores (bench/results/cpu-profile_engine-scaling.json; single runs, ±20% noise).
+# CUDA: not yet measured; from the bf16 products measured on an H200 (bench/GPU_NOTES.md), rate = peak · T /
+# (T + T0) through T = 4k and 64k tokens gives T0 ≈ 17k for [T, 768] @ [768, 768] and 4k for @ [768, 3072],
+# ≈ 8k weighted by FLOPs per layer, ≈ 16k row-tokens per chunk once the rows' staggered start layers count.
+GROUP_OVERHEAD_TOKENS = {"cpu": 360, "cuda": 16384}
+MAX_GROUP_EXAMPLES = 4096  # bounds plan_groups' search (and a group's outputs) when rows per chunk are huge
 
 
 def plan_groups(sorted_lengths: list[int], rows_per_example: int, rows_for,
@@ -235,7 +239,8 @@ def plan_groups(sorted_lengths: list[int], rows_per_example: int, rows_for,
     """Splits examples (lengths ascending) into groups of consecutive examples: [(begin, end, rows per chunk)].
 
     A group is padded to its longest length n and holds at most `rows_for(n)` rows (non-increasing in n),
-    so it runs as one chunk (one example whose rows exceed that runs in several). Among those splits it
+    so it runs as one chunk (one example whose rows exceed that runs in several), and at most
+    MAX_GROUP_EXAMPLES examples. Among those splits it
     takes the one with the least work: Σ over groups of overhead_tokens + examples · rows_per_example · n,
     that is padding against fewer, larger chunks (dynamic programming over the group ends)."""
     lengths = np.asarray(sorted_lengths, dtype=np.int64)
@@ -245,7 +250,7 @@ def plan_groups(sorted_lengths: list[int], rows_per_example: int, rows_for,
     begin_of = np.zeros(count + 1, dtype=np.int64)
     for end in range(1, count + 1):
         n = int(lengths[end - 1])
-        first = max(0, end - max(1, rows_at[n] // rows_per_example))
+        first = max(0, end - min(MAX_GROUP_EXAMPLES, max(1, rows_at[n] // rows_per_example)))
         starts = np.arange(first, end)
         options = cost[first:end] + overhead_tokens + (end - starts) * rows_per_example * n
         best = int(np.argmin(options))  # on a tie the earliest start: the larger group

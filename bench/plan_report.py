@@ -4,8 +4,8 @@ For each group: examples, the padded length, rows per chunk; in total the paddin
 row-tokens (rows × padded length) per group. `--sized-by-longest` shows the grouping used up to the H200
 session of 2026-11-30 (fixed-size groups, each sized by the batch's longest example) for comparison.
 
-    python bench/plan_report.py --budget 69.5e9                         # workload (a), 256, bf16 gl 2 and rr 20
-    python bench/plan_report.py --workload c --budget 69.5e9 --sized-by-longest
+    python bench/plan_report.py --budget 74.6e9                         # workload (a), 256, bf16 gl 2 and rr 20
+    python bench/plan_report.py --workload c --budget 74.6e9 --sized-by-longest
 """
 
 from __future__ import annotations

@@ -396,8 +396,6 @@ def test_out_of_memory_halves_the_chunk_and_loses_nothing(tmp_path, reference, p
         return real(*args)
 
     monkeypatch.setattr(engine, "attribute_group", attribute_group)
-    # one group per engine call (no split by length inside a call), so the calls above are the planner's
-    monkeypatch.setitem(engine.GROUP_OVERHEAD_TOKENS, "cpu", 1 << 40)
     stats = run_library(aa, corpus, targets, tmp_path / "out")
     # Each retry runs at most half the rows of the call that failed (not half of a larger planner figure,
     # which would repeat the same work when the batch was short).
@@ -406,6 +404,32 @@ def test_out_of_memory_halves_the_chunk_and_loses_nothing(tmp_path, reference, p
     assert "out of memory with" in caplog.text
     assert_each_example_once(tmp_path / "out")
     assert_same_records(load_results(tmp_path / "out"), load_results(reference), exact=False)
+
+
+def test_out_of_memory_halves_the_failing_group_not_the_call(prepared, monkeypatch):
+    # One engine call can run several groups (split by length); the retry halves the group that failed.
+    aa, _, _ = prepared
+    planner = ChunkPlanner(aa, [0, 1, 2], 3, full=False, budget=1 << 30)
+    rows = planner.rows(30)
+    assert rows > 4 * 18  # the call could hold far more than the failing group's 18 rows
+    real, seen = engine.attribute_group, []
+
+    def attribute_group(*args):
+        call = inspect.signature(real).bind(*args).arguments
+        seen.append(call["input_ids"].shape)
+        if call["input_ids"].shape[1] == 30:  # the group of the two long examples runs out of memory
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(*args)
+
+    monkeypatch.setattr(engine, "attribute_group", attribute_group)
+    ids = torch.full((8, 30), 5)
+    mask = (torch.arange(30) < torch.tensor([10] * 6 + [30] * 2).unsqueeze(1)).long()
+    with pytest.raises(torch.OutOfMemoryError) as failure:
+        aa.attribute(ids, mask, layers=[0, 1, 2], n_steps=3, internal_batch_size=rows)
+    assert [tuple(shape) for shape in seen] == [(6, 10), (2, 30)]
+    assert failure.value.rows_in_chunk == 2 * 9
+    assert planner.shrink(30, 8, failure.value.rows_in_chunk)
+    assert planner.rows(30) <= 9
 
 
 def test_out_of_memory_at_one_row_is_an_error(tmp_path, prepared, monkeypatch):

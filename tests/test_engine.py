@@ -92,6 +92,13 @@ def test_chunking_layer_subset_and_determinism():
     assert subset.layers == [2, 0]
     again = aa.attribute(ids, mask, types, n_steps=5, backend="torch")
     assert torch.equal(again.attributions, whole.attributions)
+    # unequal weights and nodes: chunks that cut an (example, layer) block must keep each row's α and weight
+    for layers, rows in (([2, 0], 7), ([1, 2, 0], 5)):
+        gl_whole = aa.attribute(ids, mask, types, n_steps=4, method="gausslegendre", layers=layers, backend="torch")
+        gl_cut = aa.attribute(ids, mask, types, n_steps=4, method="gausslegendre", layers=layers, backend="torch",
+                              internal_batch_size=rows)
+        assert_close_per_layer(gl_cut.attributions, gl_whole.attributions)
+        torch.testing.assert_close(gl_cut.baseline, gl_whole.baseline, atol=1e-6, rtol=0)
 
 
 def _splits(count):
@@ -146,7 +153,7 @@ def test_default_grouping_sizes_groups_by_their_length(monkeypatch):
     model = tiny_classifier("bert", layers=2)
     ids, mask, types = padded_batch(model, [3, 12, 3, 4, 12])
     aa = AttentionAttribution(model)
-    whole = aa.attribute(ids, mask, types, n_steps=3, backend="torch", internal_batch_size=1000)
+    ref = reference.attribute(model, ids, mask, types, n_steps=3, dtype=torch.float64)
     # 2 layers × 3 nodes = 6 rows per example; a budget of 8 rows at length 12 (one long example per group)
     # leaves the three short examples room to share one chunk, as sizing by the longest (12) would not
     budget = 8 * engine.row_bytes(aa.adapter, 12, 0, torch.float32)
@@ -163,8 +170,8 @@ def test_default_grouping_sizes_groups_by_their_length(monkeypatch):
     grouped = aa.attribute(ids, mask, types, n_steps=3, backend="torch")
     assert [(b, n) for b, n, _ in calls] == [(3, 4), (1, 12), (1, 12)], calls
     assert calls[0][2] > calls[1][2]  # the short group's chunk holds more rows
-    assert_close_per_layer(grouped.attributions, whole.attributions)
-    torch.testing.assert_close(grouped.delta, whole.delta, atol=1e-6, rtol=0)
+    assert_close_per_layer(grouped.attributions, ref.attributions)
+    torch.testing.assert_close(grouped.baseline, ref.baseline.float(), atol=1e-6, rtol=0)
 
 
 def test_position_zero_head_leaves_only_row_zero_of_the_last_layer():
