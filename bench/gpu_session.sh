@@ -6,10 +6,12 @@
 #   2. triton_compile_probe.py with an empty Triton cache (first vs second launch per specialisation)
 #   3. the GPU-marked tests (kernel vs torch ops, int64 offsets, engine triton vs torch)
 #   4. profile_engine.py (the device's matmul ceilings; where the engine's GPU time goes), $PROFILE_ARGS
-#   5. bench_kernel.py at n = 128, 512, 2048, float32 and bf16, launch configurations $KERNEL_CONFIGS
+#   5. grouping_ab.py: the engine with plan_groups against the grouping it replaced (bf16 gl 2 and rr 20,
+#      float32 gl 2; 256 sentences)
+#   6. bench_kernel.py at n = 128, 512, 2048, float32 and bf16, launch configurations $KERNEL_CONFIGS
 #      (default: launch_config's, and tiles 32 and 64 at 8 warps, which ptxas reports free of spills)
-#   6. bench_compare.py on $WORKLOADS (default a), $COMPARE_ARGS passed on, at most $COMPARE_LIMIT s each
-# STEPS (default "probe tests profile kernel compare") picks steps; every step's log goes to $OUT too, with
+#   7. bench_compare.py on $WORKLOADS (default a), $COMPARE_ARGS passed on, at most $COMPARE_LIMIT s each
+# STEPS (default "probe tests profile grouping kernel compare") picks steps; every step's log goes to $OUT too, with
 # the result JSONs this run wrote (not older ones).
 # Results land in bench/results/ (commit them) and are copied to $OUT when it is set (the device tool).
 #
@@ -22,7 +24,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 python=${PYTHON:-python3}
 results=bench/results
 budget=${BUDGET:-560}
-steps=${STEPS:-probe tests profile kernel compare}
+steps=${STEPS:-probe tests profile grouping kernel compare}
 out=${OUT:-/tmp/gpu_session}; mkdir -p "$out"
 log() { echo "== $(date +%H:%M:%S) [${SECONDS}s] $*"; }
 # step LIMIT CMD...: run CMD for at most LIMIT seconds and never past the budget; skip it when < 30 s are left
@@ -57,6 +59,11 @@ fi
 if want profile; then
     log "profile"
     step ${PROFILE_LIMIT:-120} $python bench/profile_engine.py ${PROFILE_ARGS---examples 128} 2>&1 | tee "$out/profile.log" | tail -60
+    copy_out
+fi
+if want grouping; then
+    log "grouping before/after"
+    step 60 $python bench/grouping_ab.py 2>&1 | tee "$out/grouping.log"
     copy_out
 fi
 if want kernel; then

@@ -26,18 +26,24 @@ from attattr_fast import engine  # noqa: E402
 from attattr_fast.adapters import adapter_for  # noqa: E402
 
 
+def sized_by_longest(sorted_lengths: list[int], rows_per_example: int, rows_for,
+                     overhead_tokens: int = 0) -> list[tuple[int, int, int]]:
+    """The grouping before `engine.plan_groups` (same signature): groups of a fixed number of examples, as
+    many as fill one chunk at the batch's longest length."""
+    rows = rows_for(sorted_lengths[-1])
+    per = max(1, rows // rows_per_example)
+    return [(b, min(b + per, len(sorted_lengths)), rows) for b in range(0, len(sorted_lengths), per)]
+
+
 def plan(adapter, lengths: list[int], rows_per_example: int, dtype, budget: int, device_type: str,
-         sized_by_longest: bool) -> list[tuple[int, int, int]]:
-    srt = sorted(lengths)
+         old: bool) -> list[tuple[int, int, int]]:
+    """The groups of `lengths` at `budget` (old: `sized_by_longest`, else `engine.plan_groups`)."""
 
     def rows_for(n: int) -> int:
         return engine.default_rows_per_chunk(adapter, n, 0, dtype, torch.device(device_type), budget)
 
-    if sized_by_longest:
-        rows = rows_for(srt[-1])
-        per = max(1, rows // rows_per_example)
-        return [(b, min(b + per, len(srt)), rows) for b in range(0, len(srt), per)]
-    return engine.plan_groups(srt, rows_per_example, rows_for, engine.GROUP_OVERHEAD_TOKENS[device_type])
+    planner = sized_by_longest if old else engine.plan_groups
+    return planner(sorted(lengths), rows_per_example, rows_for, engine.GROUP_OVERHEAD_TOKENS[device_type])
 
 
 def main(argv: list[str] | None = None) -> int:
