@@ -27,7 +27,8 @@ from attattr_fast.adapters import EncoderAdapter, Weights
 
 log = logging.getLogger(__name__)
 
-# What a chunk too large for the device raises (torch.OutOfMemoryError from torch 2.5, before: the CUDA one).
+# What the CUDA caching allocator raises when a chunk does not fit (torch.OutOfMemoryError from torch 2.5;
+# before, torch.cuda.OutOfMemoryError). Other allocation failures (a CPU one is a RuntimeError) are not retried.
 OUT_OF_MEMORY = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),)
 
 
@@ -225,12 +226,13 @@ def default_rows_per_chunk(adapter: EncoderAdapter, n: int, lowest_layer: int, d
 
 # What one more group costs beyond its rows, in row-tokens (rows × padded length) of work: launches, the
 # per-group prefix and reductions, and on a GPU the lower efficiency of smaller products. Measured by
-# `python bench/profile_engine.py --scaling-only` (the same sentences split into more groups). CPU: 360 on
-# BERT-base, 2 shared cores (bench/results/cpu-profile_engine-scaling.json; single runs, ±20% noise).
-# CUDA: not yet measured; from the bf16 products measured on an H200 (bench/GPU_NOTES.md), rate = peak · T /
-# (T + T0) through T = 4k and 64k tokens gives T0 ≈ 17k for [T, 768] @ [768, 768] and 4k for @ [768, 3072],
-# ≈ 8k weighted by FLOPs per layer, ≈ 16k row-tokens per chunk once the rows' staggered start layers count.
-GROUP_OVERHEAD_TOKENS = {"cpu": 360, "cuda": 16384}
+# `python bench/profile_engine.py --group-overhead` (the same sentences split into more groups). CPU: 285 on
+# BERT-base, 2 shared cores (bench/results/cpu-profile_engine-group-overhead.json; medians of 2 runs, fit
+# residuals up to 0.7 s of 11–21 s: a rough figure). CUDA: not yet measured; from the bf16 products measured
+# on an H200 (bench/GPU_NOTES.md), rate = peak · T / (T + T0) through T = 4k and 64k tokens gives T0 ≈ 17k
+# for [T, 768] @ [768, 768] and 4k for @ [768, 3072], ≈ 8k weighted by FLOPs per layer, ≈ 16k row-tokens
+# per chunk once the rows' staggered start layers count.
+GROUP_OVERHEAD_TOKENS = {"cpu": 285, "cuda": 16384}
 MAX_GROUP_EXAMPLES = 4096  # bounds plan_groups' search (and a group's outputs) when rows per chunk are huge
 
 

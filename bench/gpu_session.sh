@@ -5,13 +5,14 @@
 #   1. put this checkout on PYTHONPATH (no install: pip's build step would need the internet)
 #   2. triton_compile_probe.py with an empty Triton cache (first vs second launch per specialisation)
 #   3. the GPU-marked tests (kernel vs torch ops, int64 offsets, engine triton vs torch)
-#   4. profile_engine.py (the device's matmul ceilings; where the engine's GPU time goes), $PROFILE_ARGS
-#   5. grouping_ab.py: the engine with plan_groups against the grouping it replaced (bf16 gl 2 and rr 20,
+#   4. profile_engine.py --group-overhead: what one more group costs (engine.GROUP_OVERHEAD_TOKENS["cuda"])
+#   5. profile_engine.py (the device's matmul ceilings; where the engine's GPU time goes), $PROFILE_ARGS
+#   6. grouping_ab.py: the engine with plan_groups against the grouping it replaced (bf16 gl 2 and rr 20,
 #      float32 gl 2; 256 sentences)
-#   6. bench_kernel.py at n = 128, 512, 2048, float32 and bf16, launch configurations $KERNEL_CONFIGS
-#      (default: launch_config's, and tiles 32 and 64 at 8 warps, which ptxas reports free of spills)
 #   7. bench_compare.py on $WORKLOADS (default a), $COMPARE_ARGS passed on, at most $COMPARE_LIMIT s each
-# STEPS (default "probe tests profile grouping kernel compare") picks steps; every step's log goes to $OUT too, with
+#   8. bench_kernel.py at n = 128, 512, 2048, float32 and bf16, launch configurations $KERNEL_CONFIGS
+#      (default: launch_config's, and tiles 32 and 64 at 8 warps, where ptxas reports fewer or no spills)
+# STEPS (default "probe tests overhead profile grouping compare kernel") picks steps; every step's log goes to $OUT too, with
 # the result JSONs this run wrote (not older ones).
 # Results land in bench/results/ (commit them) and are copied to $OUT when it is set (the device tool).
 #
@@ -24,7 +25,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 python=${PYTHON:-python3}
 results=bench/results
 budget=${BUDGET:-560}
-steps=${STEPS:-probe tests profile grouping kernel compare}
+steps=${STEPS:-probe tests overhead profile grouping compare kernel}
 out=${OUT:-/tmp/gpu_session}; mkdir -p "$out"
 log() { echo "== $(date +%H:%M:%S) [${SECONDS}s] $*"; }
 # step LIMIT CMD...: run CMD for at most LIMIT seconds and never past the budget; skip it when < 30 s are left
@@ -49,12 +50,17 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 
 if want probe; then
     log "Triton compile probe (empty cache)"
-    TRITON_CACHE_DIR=$(mktemp -d) step 150 $python bench/triton_compile_probe.py 2>&1 | tee "$out/probe.log"
+    TRITON_CACHE_DIR=$(mktemp -d) step 120 $python bench/triton_compile_probe.py 2>&1 | tee "$out/probe.log"
     copy_out
 fi
 if want tests; then
     log "GPU tests"
     step 50 $python -m pytest -q -m gpu tests/ 2>&1 | tee "$out/tests.log" | tail -15
+fi
+if want overhead; then
+    log "group overhead"
+    step 60 $python bench/profile_engine.py --group-overhead 2>&1 | tee "$out/overhead.log" | tail -12
+    copy_out
 fi
 if want profile; then
     log "profile"
@@ -63,12 +69,7 @@ if want profile; then
 fi
 if want grouping; then
     log "grouping before/after"
-    step 60 $python bench/grouping_ab.py 2>&1 | tee "$out/grouping.log"
-    copy_out
-fi
-if want kernel; then
-    log "kernel benchmark"
-    step 90 $python bench/bench_kernel.py --configs ${KERNEL_CONFIGS:-default 32:8 64:8} 2>&1 | tee "$out/kernel.log" | tail -40
+    step 90 $python bench/grouping_ab.py 2>&1 | tee "$out/grouping.log"
     copy_out
 fi
 if want compare; then
@@ -77,5 +78,10 @@ if want compare; then
         step ${COMPARE_LIMIT:-240} $python bench/bench_compare.py --workloads "$workload" ${COMPARE_ARGS:-} 2>&1 | tee "$out/compare-$workload.log"
         copy_out
     done
+fi
+if want kernel; then
+    log "kernel benchmark"
+    step 90 $python bench/bench_kernel.py --configs ${KERNEL_CONFIGS:-default 32:8 64:8} 2>&1 | tee "$out/kernel.log" | tail -40
+    copy_out
 fi
 log "done"

@@ -4,7 +4,7 @@ process, everything else equal. Per case and grouping: seconds (median), example
 padding; and the largest difference between the two groupings' layer sums (they must agree to rounding).
 
     python bench/grouping_ab.py                  # GPU: 256 examples; bf16 gl 2 and rr 20, float32 gl 2
-    python bench/grouping_ab.py --examples 64    # CPU: float32 gl 2 (about 3 minutes on 2 cores)
+    python bench/grouping_ab.py --examples 32    # CPU: float32 gl 2 (about 3 minutes on 2 cores)
 
 Writes bench/results/<device>-grouping_ab.json.
 """
@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         speedup = rows[-1]["seconds"] / rows[-2]["seconds"]
         rows[-2].update(speedup_over_sized_by_longest=speedup, rel_diff_layer_attr=diff)
         print(f"  {case:26s} plan_groups / sized_by_longest: {speedup:.2f}x, layer sums differ by {diff:.1e}")
+        common.write_json(payload, "grouping_ab", device, args.out)  # after every case: a step limit loses none
     path = common.write_json(payload, "grouping_ab", device, args.out)
     print(f"wrote {path}")
     return 0

@@ -7,14 +7,14 @@ launches, host syncs, GPU time by category (matmuls, attention, the Triton reduc
 normalisation), the top kernels, and the groups the engine ran (examples, padded length, rows per chunk; the
 padding they computed). Before that, the ceilings measured on this device: a large bf16 and a float32
 matrix product, and bf16 products at the engine's own shapes (rows·n tokens × 768 → 768/3072); after the
-cases, what one more group costs (`group_scaling`: the same sentences split into 1, 2, 4, … groups), in
-row-tokens: the figure `engine.GROUP_OVERHEAD_TOKENS` stands for.
+cases (or alone, with --group-overhead), what one more group costs (`group_scaling`: the same sentences
+split into 2, 4, 8, … groups), in row-tokens: the figure `engine.GROUP_OVERHEAD_TOKENS` stands for.
 
     python bench/profile_engine.py                 # GPU: 256 examples (a), the cases in --help, group overhead
     python bench/profile_engine.py --quick         # CPU smoke test: small shape, 4 examples, CPU activity only
-    python bench/profile_engine.py --scaling-only  # the group overhead only (CPU: BERT-base, 16 sentences)
+    python bench/profile_engine.py --group-overhead  # the group overhead only (CPU: BERT-base, 16 sentences)
 
-Writes bench/results/<device>-profile_engine[-quick|-scaling].json.
+Writes bench/results/<device>-profile_engine[-quick|-group-overhead].json.
 """
 
 from __future__ import annotations
@@ -154,10 +154,10 @@ def profile_case(call, device, flops: float, rows_per_example: int) -> dict:
 def group_scaling(aa, device, vocab_size: int, dtype, n: int = 24, examples: int = 64, splits=(2, 4, 8, 16, 32),
                   repeats: int = 3) -> dict:
     """What one more group costs, in row-tokens (engine.GROUP_OVERHEAD_TOKENS). `examples` sentences of n tokens
-    (gausslegendre 2, all layers, reduced output) run as k groups of equal size (internal_batch_size); time =
-    c + a·k + b·T with T the row-tokens: the slope in k is a; half the examples in half as many groups (of the
-    same size as the most-split run) give b. The call's own costs (c: validation, weight casts, collection)
-    stay out of both."""
+    (gausslegendre 2, all layers, reduced output) run as k groups of equal size (internal_batch_size), and half
+    of them in half as many groups; least squares fits time = c + a·k + b·T (T: row-tokens) to all runs, so
+    the call's own costs (c: validation, weight casts, collection) stay out of a and b. Returns the fit, its
+    residuals and a/b."""
     rows_per_example = 2 * aa.adapter.n_layers
 
     def timed(count: int, groups: int) -> float:
@@ -173,15 +173,18 @@ def group_scaling(aa, device, vocab_size: int, dtype, n: int = 24, examples: int
               f"{1e3 * seconds:9.1f} ms")
         return seconds
 
-    by_groups = [timed(examples, k) for k in splits]
-    most = max(splits)
-    half = timed(examples // 2, most // 2)
-    a = float(np.polyfit(splits, by_groups, 1)[0])
-    b = (by_groups[splits.index(most)] - half - a * most / 2) / (examples // 2 * rows_per_example * n)
-    print(f"  a = {1e3 * a:.2f} ms per group, b = {1e6 * b:.3f} us per row-token: a/b = {a / b:.0f} row-tokens "
+    runs = [(examples, k) for k in splits] + [(examples // 2, max(splits) // 2)]
+    seconds = np.array([timed(count, k) for count, k in runs])
+    design = np.array([[1.0, k, count * rows_per_example * n] for count, k in runs])
+    (c, a, b), *_ = np.linalg.lstsq(design, seconds, rcond=None)
+    residuals = seconds - design @ np.array([c, a, b])
+    print(f"  fit: c = {1e3 * c:.1f} ms per call, a = {1e3 * a:.2f} ms per group, b = {1e6 * b:.3f} us per row-token, "
+          f"largest residual {1e3 * np.abs(residuals).max():.1f} ms: a/b = {a / b:.0f} row-tokens "
           f"(engine.GROUP_OVERHEAD_TOKENS: {engine.GROUP_OVERHEAD_TOKENS})")
-    return {"n": n, "examples": examples, "splits": list(splits), "seconds_by_groups": by_groups,
-            "seconds_half": half, "a_s_per_group": a, "b_s_per_row_token": b, "overhead_row_tokens": a / b}
+    timed_runs = [{"examples": count, "groups": k, "seconds": float(t)} for (count, k), t in zip(runs, seconds)]
+    return {"n": n, "runs": timed_runs,
+            "c_s_per_call": float(c), "a_s_per_group": float(a), "b_s_per_row_token": float(b),
+            "residuals_s": residuals.tolist(), "overhead_row_tokens": float(a / b)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                              "rr 20, gl 2 and rr 20 with 6144 rows per chunk, torch float32 gl 2, triton bf16 gl 2 "
                              "last, as its compilation is slow)")
     parser.add_argument("--out", default=None)
-    parser.add_argument("--scaling-only", action="store_true", help="only the group-overhead measurement")
+    parser.add_argument("--group-overhead", action="store_true", help="only the group-overhead measurement")
     args = parser.parse_args(argv)
     device = common.pick_device(args.device)
     gpu = device.type == "cuda"
@@ -204,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                "torch:float32:gausslegendre:2", "triton:bf16:gausslegendre:2"]
     if not gpu:
         default = ["torch:float32:riemann_right:20"]
-    cases = [] if args.scaling_only else args.cases.split(",") if args.cases else default
+    cases = [] if args.group_overhead else args.cases.split(",") if args.cases else default
     env = common.environment(device)
     print(f"device: {env['device']}; torch {env['versions']['torch']}, triton {env['versions']['triton']}")
     model = common.random_bert(**shape, seed=0, device=device)
@@ -213,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     aa = AttentionAttribution(model)
     payload = {"benchmark": "profile_engine", "environment": env, "shape": shape, "examples": count,
                "mean_length": float(np.mean(lengths)),
-               "ceilings_tflops": ceilings(device) if gpu and not args.scaling_only else None,
+               "ceilings_tflops": ceilings(device) if gpu and not args.group_overhead else None,
                "cases": {}}
     for case in cases:
         backend, dtype_name, method, steps, *chunk = case.split(":")
@@ -247,15 +250,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"   {cat:30s} {secs:8.4f} s")
         for k in res["top_kernels"][:8]:
             print(f"   {k['gpu_s']:8.4f} s {k['calls']:6d}x  {k['name'][:90]}")
-    print("\n== group overhead (time = c + a · groups + b · row-tokens)")
-    if args.quick:
-        sizes = dict(examples=8, splits=(2, 4, 8))
-    else:  # the GPU's defaults; on the CPU (a BERT-base call of 16 sentences takes about 20 s) groups of 1 to
-        # 8 sentences, where the CPU's default 1 GiB budget holds 2 at n = 24
-        sizes = {} if gpu else dict(examples=16, splits=(2, 4, 8, 16), repeats=1)
-    payload["group_scaling"] = group_scaling(aa, device, model.config.vocab_size, torch.bfloat16 if gpu else None,
-                                             **sizes)
-    name = "profile_engine" + ("-quick" if args.quick else "-scaling" if args.scaling_only else "")
+    if args.quick or args.group_overhead:
+        print("\n== group overhead (time = c + a · groups + b · row-tokens)")
+        if args.quick:
+            sizes = dict(examples=8, splits=(2, 4, 8))
+        else:  # the GPU's defaults; on the CPU (a BERT-base call of 16 sentences takes about 20 s) groups of 1
+            # to 8 sentences, where the CPU's default 1 GiB budget holds 2 at n = 24
+            sizes = {} if gpu else dict(examples=16, splits=(2, 4, 8, 16), repeats=2)
+        payload["group_scaling"] = group_scaling(aa, device, model.config.vocab_size,
+                                                 torch.bfloat16 if gpu else None, **sizes)
+    name = "profile_engine" + ("-quick" if args.quick else "-group-overhead" if args.group_overhead else "")
     path = common.write_json(payload, name, device, args.out)
     print(f"\nwrote {path}")
     return 0
