@@ -126,15 +126,9 @@ class AttentionAttribution:
         lengths = key_mask.sum(1)
         lengths_host = lengths.cpu()  # the one read of the lengths on the host; the grouping needs them there
         order = torch.sort(lengths_host, stable=True).indices  # similar lengths share a group
-        budget = engine.memory_budget(device) if internal_batch_size is None else None
         rows_per_example = len(layers) * len(alphas)
-
-        def rows_for(n: int) -> int:
-            return internal_batch_size or engine.default_rows_per_chunk(
-                adapter, n, min(layers), row_weights.dtype, device, budget)
-
-        overhead = engine.GROUP_OVERHEAD_TOKENS.get(device.type, engine.GROUP_OVERHEAD_TOKENS["cuda"])
-        groups = engine.plan_groups(lengths_host[order].tolist(), rows_per_example, rows_for, overhead)
+        groups = engine.plan_batch(adapter, lengths_host[order].tolist(), rows_per_example, min(layers),
+                                   row_weights.dtype, device, internal_batch_size)
         log.debug("%d groups: (examples, rows per chunk) %s", len(groups), [(e - b, r) for b, e, r in groups])
 
         # The batch's results gather on result_device group by group, so a large batch bound for the CPU

@@ -266,6 +266,22 @@ def plan_groups(sorted_lengths: list[int], rows_per_example: int, rows_for,
     return groups[::-1]
 
 
+def plan_batch(adapter: EncoderAdapter, sorted_lengths: list[int], rows_per_example: int, lowest_layer: int,
+               dtype: torch.dtype, device: torch.device, internal_batch_size: int | None = None,
+               budget: int | None = None, planner=None) -> list[tuple[int, int, int]]:
+    """The groups `AttentionAttribution.attribute` runs for examples of these lengths (ascending). Rows per
+    chunk: `internal_batch_size`, else what the memory budget (None: `memory_budget(device)`) holds at each
+    group's length; the split: `planner` (None: `plan_groups`) with the device's per-group overhead."""
+    if internal_batch_size is None and budget is None:
+        budget = memory_budget(device)
+
+    def rows_for(n: int) -> int:
+        return internal_batch_size or default_rows_per_chunk(adapter, n, lowest_layer, dtype, device, budget)
+
+    overhead = GROUP_OVERHEAD_TOKENS.get(device.type, GROUP_OVERHEAD_TOKENS["cuda"])
+    return (planner or plan_groups)(sorted_lengths, rows_per_example, rows_for, overhead)
+
+
 @dataclass
 class GroupResult:
     """Per-example outputs of one group, at the group's length n (float32)."""

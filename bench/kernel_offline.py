@@ -2,8 +2,8 @@
 Triton specialisations the engine's calls would compile.
 
 Triton compiles one binary per specialisation: its constexprs (tile, FULL, ...) and, for integer arguments,
-whether each equals 1 or is divisible by 16. This script builds the kernel's arguments as the engine does
-(Q, K, V views of one [B, n, 3, H, d] projection, float32 states) and
+whether each equals 1 or is divisible by 16. This script builds the kernel's arguments with the launcher's
+own `prepare_launch`, on states laid out as the engine's (float32 prefix), and
   1. compiles each (dtype, tile, warps) for the target and reports registers and spill bytes (ptxas -v) and
      the compile time on this machine;
   2. counts the distinct specialisations the groups of a workload hit (bench/plan_report.py's plan), that is
@@ -46,26 +46,19 @@ KERNEL = ar._attribution_tiles
 
 def kernel_args(n: int, n_ex: int = 8, heads: int = 12, head_dim: int = 64, dtype=torch.float32, full: bool = True,
                 tile: int | None = None, warps: int | None = None):
-    """(positional args, keyword args) of one launch as `reduce_attributions` makes it (CPU tensors: only their
-    dtypes, strides and alignment matter here)."""
-    qkv = torch.empty(n_ex, n, 3, heads, head_dim, dtype=dtype)
-    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    """(positional args, keyword args) of one launch, from `attribution_reduce.prepare_launch` on states laid
+    out as the engine's (Q, K, V [B, n, H, d] projections seen as [B, H, n, d]; Ḡ one layer of [B, L, H, n, d]).
+    CPU tensors: only dtypes, strides and alignment matter here."""
+    q, k, v = (torch.empty(n_ex, n, heads, head_dim, dtype=dtype).transpose(1, 2) for _ in range(3))
     lse = torch.empty(n_ex, heads, n)
-    grad5 = torch.empty(n_ex, 12, heads, n, head_dim)[:, 3].reshape(1, n_ex, heads, n, head_dim)
-    mask2 = torch.empty(n_ex, n, dtype=torch.int8)
-    cfg = ar.launch_config(n, head_dim)
-    block = tile or cfg.block_m
-    tiles_n = triton.cdiv(n, block)
-    tiles = tiles_n * tiles_n
-    outputs = (torch.empty(n_ex, heads, n, n) if full else torch.empty(1), torch.empty(n_ex, n, n),
-               torch.empty(n_ex, heads, tiles), torch.empty(n_ex, heads, tiles, dtype=torch.int64))
-    args = (q, k, v, lse, grad5, torch.ones(1), mask2, *outputs,
-            *q.stride(), *k.stride(), *v.stride(), *lse.stride(), *grad5.stride(), *mask2.stride(),
-            heads, n, head_dim, 1, tiles_n, tiles, head_dim**-0.5)  # fmt: skip
-    low = dtype != torch.float32
-    kwargs = dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=cfg.block_d, LOW_PRECISION=low, UPCAST_DOTS=False,
-                  FULL=full, num_warps=warps or cfg.num_warps, num_stages=cfg.num_stages)
-    return args, kwargs
+    grad = torch.empty(n_ex, 12, heads, n, head_dim)[:, 3]
+    mask = torch.ones(n_ex, n, dtype=torch.bool)
+    launch = ar.prepare_launch(q, k, v, lse, grad, mask, scale=head_dim**-0.5, n_nodes=1, quad_weights=None,
+                               full=full, block_m=tile, block_n=tile)
+    kwargs = dict(launch.kwargs, UPCAST_DOTS=False)  # as on a GPU, whatever the interpreter setting here
+    if warps:
+        kwargs["num_warps"] = warps
+    return launch.args, kwargs
 
 
 class Compiler:

@@ -37,13 +37,9 @@ def sized_by_longest(sorted_lengths: list[int], rows_per_example: int, rows_for,
 
 def plan(adapter, lengths: list[int], rows_per_example: int, dtype, budget: int, device_type: str,
          old: bool) -> list[tuple[int, int, int]]:
-    """The groups of `lengths` at `budget` (old: `sized_by_longest`, else `engine.plan_groups`)."""
-
-    def rows_for(n: int) -> int:
-        return engine.default_rows_per_chunk(adapter, n, 0, dtype, torch.device(device_type), budget)
-
-    planner = sized_by_longest if old else engine.plan_groups
-    return planner(sorted(lengths), rows_per_example, rows_for, engine.GROUP_OVERHEAD_TOKENS[device_type])
+    """The groups of `lengths` at `budget`, all layers targeted (old: `sized_by_longest`, else `plan_groups`)."""
+    return engine.plan_batch(adapter, sorted(lengths), rows_per_example, 0, dtype, torch.device(device_type),
+                             budget=budget, planner=sized_by_longest if old else None)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -259,6 +259,64 @@ def _check_inputs(q, k, v, lse, context_grad, key_mask, scale, quad_weights) -> 
     return n_nodes
 
 
+@dataclass(frozen=True)
+class KernelLaunch:
+    """One launch of `_attribution_tiles`: grid, arguments, and the outputs (attr, layer, tile_max, tile_pos)
+    it writes, which are among the arguments."""
+
+    grid: tuple[int]
+    args: tuple
+    kwargs: dict
+    outputs: tuple[Tensor, Tensor, Tensor, Tensor]
+
+
+def prepare_launch(q, k, v, lse, context_grad, key_mask, *, scale: float, n_nodes: int,
+                   quad_weights: Tensor | None, full: bool, block_m: int | None = None,
+                   block_n: int | None = None) -> KernelLaunch:
+    """The kernel's arguments for inputs `_check_inputs` accepted (n_nodes: what it returned); allocates the
+    outputs. Separate from the launch so that bench/kernel_offline.py compiles exactly what is launched."""
+    *batch, heads, n, d = q.shape
+    device = q.device
+    cfg = launch_config(n, d)
+    block_m, block_n = block_m or cfg.block_m, block_n or cfg.block_n
+    for name, size in (("block_m", block_m), ("block_n", block_n)):
+        if size < 16 or size & (size - 1):
+            raise AttAttrError(f"{name} must be a power of two >= 16, got {size}")
+
+    n_ex = 1
+    for size in batch:
+        n_ex *= size
+    q4, k4, v4 = (t.reshape(n_ex, heads, n, d) for t in (q, k, v))
+    lse3 = lse.reshape(n_ex, heads, n)
+    grad5 = context_grad.reshape(n_nodes, n_ex, heads, n, d)
+    if quad_weights is None:
+        weights = torch.ones(1, dtype=torch.float32, device=device)
+    else:
+        weights = quad_weights.to(torch.float32).contiguous()
+    mask2 = key_mask.reshape(n_ex, n).to(torch.int8)
+
+    tiles_m, tiles_n = triton.cdiv(n, block_m), triton.cdiv(n, block_n)
+    tiles = tiles_m * tiles_n
+    f32 = dict(dtype=torch.float32, device=device)
+    attr = torch.empty((n_ex, heads, n, n), **f32) if full else torch.empty(1, **f32)
+    layer = torch.empty((n_ex, n, n), **f32)
+    tile_max = torch.empty((n_ex, heads, tiles), **f32)
+    tile_pos = torch.empty((n_ex, heads, tiles), dtype=torch.int64, device=device)
+    low_precision = q.dtype != torch.float32
+    log.debug("attribution_reduce: B=%d H=%d n=%d d=%d K=%d dtype=%s tiles %dx%d block_d=%d full=%s",
+              n_ex, heads, n, d, n_nodes, q.dtype, block_m, block_n, cfg.block_d, full)
+    args = (
+        q4, k4, v4, lse3, grad5, weights, mask2,
+        attr, layer, tile_max, tile_pos,
+        *q4.stride(), *k4.stride(), *v4.stride(), *lse3.stride(), *grad5.stride(), *mask2.stride(),
+        heads, n, d, n_nodes, tiles_n, tiles, float(scale),
+    )  # fmt: skip
+    kwargs = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=cfg.block_d, LOW_PRECISION=low_precision,
+                  UPCAST_DOTS=low_precision and _interpreted(), FULL=full, num_warps=cfg.num_warps,
+                  num_stages=cfg.num_stages)
+    return KernelLaunch((n_ex * tiles,), args, kwargs, (attr, layer, tile_max, tile_pos))
+
+
 def reduce_attributions(
     q: Tensor,
     k: Tensor,
@@ -290,48 +348,13 @@ def reduce_attributions(
         layer_attr [..., n, n]), float32; zero wherever query or key is padding.
     """
     n_nodes = _check_inputs(q, k, v, lse, context_grad, key_mask, scale, quad_weights)
-    *batch, heads, n, d = q.shape
-    device = q.device
-    cfg = launch_config(n, d)
-    block_m, block_n = block_m or cfg.block_m, block_n or cfg.block_n
-    for name, size in (("block_m", block_m), ("block_n", block_n)):
-        if size < 16 or size & (size - 1):
-            raise AttAttrError(f"{name} must be a power of two >= 16, got {size}")
-
-    n_ex = 1
-    for size in batch:
-        n_ex *= size
-    q4, k4, v4 = (t.reshape(n_ex, heads, n, d) for t in (q, k, v))
-    lse3 = lse.reshape(n_ex, heads, n)
-    grad5 = context_grad.reshape(n_nodes, n_ex, heads, n, d)
-    if quad_weights is None:
-        weights = torch.ones(1, dtype=torch.float32, device=device)
-    else:
-        weights = quad_weights.to(torch.float32).contiguous()
-    mask2 = key_mask.reshape(n_ex, n).to(torch.int8)
-
-    tiles_m, tiles_n = triton.cdiv(n, block_m), triton.cdiv(n, block_n)
-    tiles = tiles_m * tiles_n
-    f32 = dict(dtype=torch.float32, device=device)
-    attr = torch.empty((n_ex, heads, n, n), **f32) if full else torch.empty(1, **f32)
-    layer = torch.empty((n_ex, n, n), **f32)
-    tile_max = torch.empty((n_ex, heads, tiles), **f32)
-    tile_pos = torch.empty((n_ex, heads, tiles), dtype=torch.int64, device=device)
-    low_precision = q.dtype != torch.float32
-    log.debug("attribution_reduce: B=%d H=%d n=%d d=%d K=%d dtype=%s tiles %dx%d block_d=%d full=%s",
-              n_ex, heads, n, d, n_nodes, q.dtype, block_m, block_n, cfg.block_d, full)
-
+    *batch, heads, n, _ = q.shape
+    launch = prepare_launch(q, k, v, lse, context_grad, key_mask, scale=scale, n_nodes=n_nodes,
+                            quad_weights=quad_weights, full=full, block_m=block_m, block_n=block_n)
     # Triton launches on the current CUDA device: make it the tensors' (a model on cuda:1, say).
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        _attribution_tiles[(n_ex * tiles,)](
-            q4, k4, v4, lse3, grad5, weights, mask2,
-            attr, layer, tile_max, tile_pos,
-            *q4.stride(), *k4.stride(), *v4.stride(), *lse3.stride(), *grad5.stride(), *mask2.stride(),
-            heads, n, d, n_nodes, tiles_n, tiles, float(scale),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=cfg.block_d,
-            LOW_PRECISION=low_precision, UPCAST_DOTS=low_precision and _interpreted(), FULL=full,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )  # fmt: skip
+    with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
+        _attribution_tiles[launch.grid](*launch.args, **launch.kwargs)
+    attr, layer, tile_max, tile_pos = launch.outputs
 
     # Second step: the best tile per head; on equal values the smallest row-major position wins.
     head_max = tile_max.amax(dim=-1)
