@@ -4,10 +4,12 @@ The engine needs to enter a model half-way through a layer (at the attention con
 layer) and to run only part of the top layer, which `transformers`' modules cannot do. An adapter
 exposes one model as
 
-    embed(ids, types, mask) → X⁰;  per layer l: project_qkv, attention_output(ctx, X), feed_forward;
+    embed(ids, types, mask) → X⁰;  per layer l: project_qkv, attention_output(ctx, X), feed_forward
+    (layer_output: the two together);
     classify(X^L, mask) → logits
 
-over a `Weights` snapshot in any dtype. Every family here is post-LayerNorm:
+over a `Weights` snapshot in any dtype. The per-layer functions take that layer's `LayerWeights` (and
+gate), not a layer index, so one compiled function serves every layer. Every family here is post-LayerNorm:
 
     X' = LN(X + W_o · merge_h(gate_h · ctx_h) + b_o),   X^{l+1} = LN(X' + W_2 · act(W_1 X' + b_1) + b_2)
 
@@ -31,14 +33,12 @@ KEPT_HEADS_CONFIG_KEY = "attattr_kept_heads"
 
 @dataclass
 class LayerWeights:
-    """One encoder layer's weights, heads stacked along the output dimension of Q, K, V."""
+    """One encoder layer's weights. Q, K and V are one [3·H·d, D] product (rows: Q, then K, then V; heads
+    stacked within each), so the forward runs one matrix product for them and the backward one for their
+    input gradient."""
 
-    wq: Tensor
-    bq: Tensor
-    wk: Tensor
-    bk: Tensor
-    wv: Tensor
-    bv: Tensor
+    wqkv: Tensor
+    bqkv: Tensor
     wo: Tensor
     bo: Tensor
     ln_attn_w: Tensor
@@ -136,8 +136,9 @@ class EncoderAdapter:
         layers = []
         for layer in self._base().encoder.layer:
             att = layer.attention
+            projections = [att.self.query, att.self.key, att.self.value]
             tensors = [
-                *_linear(att.self.query), *_linear(att.self.key), *_linear(att.self.value),
+                torch.cat([p.weight.detach() for p in projections]), torch.cat([p.bias.detach() for p in projections]),
                 *_linear(att.output.dense),
                 att.output.LayerNorm.weight.detach(), att.output.LayerNorm.bias.detach(),
                 *_linear(layer.intermediate.dense), *_linear(layer.output.dense),
@@ -166,33 +167,32 @@ class EncoderAdapter:
         norm = emb.LayerNorm
         return F.layer_norm(x, x.shape[-1:], norm.weight.to(dtype), norm.bias.to(dtype), norm.eps).detach()
 
-    def project_qkv(self, w: Weights, layer: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Q, K, V [B, H, n, d] of layer `layer` from its input `x` [B, n, D]."""
-        lw = w.layers[layer]
-        return (
-            self._split_heads(F.linear(x, lw.wq, lw.bq)),
-            self._split_heads(F.linear(x, lw.wk, lw.bk)),
-            self._split_heads(F.linear(x, lw.wv, lw.bv)),
-        )
+    def project_qkv(self, lw: LayerWeights, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Q, K, V [B, H, n, d] of a layer from its input `x` [B, n, D]: one product, split."""
+        qkv = F.linear(x, lw.wqkv, lw.bqkv)
+        return tuple(self._split_heads(t) for t in qkv.chunk(3, dim=-1))
 
-    def project_kv(self, w: Weights, layer: int, x: Tensor) -> tuple[Tensor, Tensor]:
-        lw = w.layers[layer]
-        return self._split_heads(F.linear(x, lw.wk, lw.bk)), self._split_heads(F.linear(x, lw.wv, lw.bv))
+    def project_kv(self, lw: LayerWeights, x: Tensor) -> tuple[Tensor, Tensor]:
+        width = self.n_heads * self.head_dim
+        kv = F.linear(x, lw.wqkv[width:], lw.bqkv[width:])
+        return self._split_heads(kv[..., :width]), self._split_heads(kv[..., width:])
 
-    def project_q(self, w: Weights, layer: int, x: Tensor) -> Tensor:
-        lw = w.layers[layer]
-        return self._split_heads(F.linear(x, lw.wq, lw.bq))
+    def project_q(self, lw: LayerWeights, x: Tensor) -> Tensor:
+        width = self.n_heads * self.head_dim
+        return self._split_heads(F.linear(x, lw.wqkv[:width], lw.bqkv[:width]))
 
-    def attention_output(self, w: Weights, layer: int, ctx: Tensor, residual: Tensor) -> Tensor:
-        """LN(residual + W_o merge(gate · ctx) + b_o); ctx [B, H, n, d], residual [B, n, D]."""
-        lw = w.layers[layer]
-        ctx = ctx * w.gates[layer].view(1, -1, 1, 1)
+    def attention_output(self, lw: LayerWeights, gate: Tensor, ctx: Tensor, residual: Tensor) -> Tensor:
+        """LN(residual + W_o merge(gate · ctx) + b_o); gate [H], ctx [B, H, n, d], residual [B, n, D]."""
+        ctx = ctx * gate.view(1, -1, 1, 1)
         merged = ctx.transpose(1, 2).reshape(*residual.shape[:-1], self.n_heads * self.head_dim)
         out = F.linear(merged, lw.wo, lw.bo) + residual
         return F.layer_norm(out, out.shape[-1:], lw.ln_attn_w, lw.ln_attn_b, self.eps)
 
-    def feed_forward(self, w: Weights, layer: int, h: Tensor) -> Tensor:
-        lw = w.layers[layer]
+    def layer_output(self, lw: LayerWeights, gate: Tensor, ctx: Tensor, residual: Tensor) -> Tensor:
+        """The layer's output X^{l+1} from its attention context and its input X^l (the residual)."""
+        return self.feed_forward(lw, self.attention_output(lw, gate, ctx, residual))
+
+    def feed_forward(self, lw: LayerWeights, h: Tensor) -> Tensor:
         out = F.linear(self.act(F.linear(h, lw.w_in, lw.b_in)), lw.w_out, lw.b_out) + h
         return F.layer_norm(out, out.shape[-1:], lw.ln_ffn_w, lw.ln_ffn_b, self.eps)
 
@@ -234,10 +234,10 @@ class EncoderAdapter:
         w = weights or self.weights()
         x = self.embed(input_ids, token_type_ids, attention_mask, w.dtype)
         bias = self.mask_bias(attention_mask, w.dtype)
-        for layer in range(self.n_layers):
-            q, k, v = self.project_qkv(w, layer, x)
+        for layer, lw in enumerate(w.layers):
+            q, k, v = self.project_qkv(lw, x)
             probs, _ = self.attention_probs(q, k, bias)
-            x = self.feed_forward(w, layer, self.attention_output(w, layer, probs @ v, x))
+            x = self.layer_output(lw, w.gates[layer], probs @ v, x)
         return self.classify(w, x, attention_mask).float()
 
 

@@ -61,8 +61,12 @@ class AttentionAttribution:
         >>> res.layer_attr.shape   # [B, L, n, n]
     """
 
-    def __init__(self, model: torch.nn.Module | EncoderAdapter):
+    def __init__(self, model: torch.nn.Module | EncoderAdapter, compile: bool = False):
+        """`compile=True` runs the rows' layers under `torch.compile` (`engine.compiled_layer_functions`): the
+        first calls compile (tens of seconds), later ones reuse the graphs. Off by default: no measurement
+        yet shows it paying (bench/engine_ab.py --compare compile)."""
         self.adapter = adapter_for(model)
+        self.layer_functions = engine.compiled_layer_functions() if compile else engine.EAGER
 
     @property
     def model(self) -> torch.nn.Module:
@@ -147,6 +151,7 @@ class AttentionAttribution:
                     None if token_type_ids is None else token_type_ids[idx, :n],
                     None if target is None else target[idx],
                     layers, alphas, quad_weights, output == "full", rows_per_chunk, reduce_layer, padded,
+                    self.layer_functions,
                 )  # fmt: skip
             except engine.OUT_OF_MEMORY as exc:  # what the failing chunk held, for a caller that retries smaller
                 exc.rows_in_chunk = min(rows_per_chunk, (end - begin) * rows_per_example)

@@ -15,6 +15,7 @@ Parameters never require grad; the backward stops at the leaves.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attattr_fast import reductions
-from attattr_fast.adapters import EncoderAdapter, Weights
+from attattr_fast.adapters import EncoderAdapter, LayerWeights, Weights
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,8 @@ def run_prefix(
         x = adapter.embed(input_ids, token_type_ids, key_mask, weights.dtype)
         bias = adapter.mask_bias(key_mask, weights.dtype)
         states: dict[int, LayerState] = {}
-        for layer in range(adapter.n_layers):
-            q, k, v = adapter.project_qkv(weights, layer, x)
+        for layer, lw in enumerate(weights.layers):
+            q, k, v = adapter.project_qkv(lw, x)
             probs, lse = adapter.attention_probs(q, k, bias)
             context = probs @ v
             if layer in target_layers:
@@ -83,7 +84,7 @@ def run_prefix(
                     lse=lse if keep_qk else None,
                     scale=adapter.scale,
                 )
-            x = adapter.feed_forward(weights, layer, adapter.attention_output(weights, layer, context, x))
+            x = adapter.layer_output(lw, weights.gates[layer], context, x)
         logits = adapter.classify(weights, x, key_mask).float()
     return Prefix(layers=states, logits=logits, key_mask=key_mask.bool())
 
@@ -106,7 +107,90 @@ def target_probability(logits: Tensor, target: Tensor) -> Tensor:
     return torch.softmax(logits.float(), dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
 
 
-def forward_rows(adapter: EncoderAdapter, weights: Weights, rows: Rows, need_grad: bool):
+def layer_from_context(adapter: EncoderAdapter, lw: LayerWeights, gate: Tensor, context: Tensor,
+                       residual: Tensor) -> Tensor:
+    """`adapter.layer_output` as a function of tensors (what `compiled_layer_functions` compiles)."""
+    return adapter.layer_output(lw, gate, context, residual)
+
+
+def full_layer(adapter: EncoderAdapter, lw: LayerWeights, gate: Tensor, x: Tensor, bias: Tensor | None) -> Tensor:
+    """A whole layer on rows already running."""
+    q, k, v = adapter.project_qkv(lw, x)
+    return _attend(adapter, lw, gate, q, k, v, bias, x)
+
+
+def top_layer(adapter: EncoderAdapter, lw: LayerWeights, gate: Tensor, x: Tensor, bias: Tensor | None) -> Tensor:
+    """The top layer under a head that reads position 0: keys and values of all positions, the rest for
+    position 0 only ([R, 1, D])."""
+    k, v = adapter.project_kv(lw, x)
+    x = x[:, :1]
+    return _attend(adapter, lw, gate, adapter.project_q(lw, x), k, v, bias, x)
+
+
+def _attend(adapter, lw, gate, q, k, v, bias, residual):
+    context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=adapter.scale)
+    return adapter.layer_output(lw, gate, context, residual)
+
+
+@dataclass(frozen=True)
+class LayerFunctions:
+    """What runs the layers above the target in the rows' forward and, through autograd, backward."""
+
+    full: Callable = full_layer
+    top: Callable = top_layer
+    from_context: Callable = layer_from_context
+
+
+EAGER = LayerFunctions()
+_compiled: LayerFunctions | None = None
+
+
+def compiled_layer_functions() -> LayerFunctions:
+    """The row layers under `torch.compile`: inductor fuses the element-wise work around the products, forward
+    and backward. The layer's weights are arguments, so one graph serves every layer. The row count and
+    length are marked dynamic from the first call, so new chunk shapes reuse the graphs: one per variant
+    (with and without a mask bias; the top layer's position-0 states; a block of one row). Only the rows'
+    gradient pass uses them (`context_gradients`); a change of grad mode would compile again."""
+    global _compiled
+    if _compiled is None:
+        _compiled = LayerFunctions(
+            full=_compile_with_dynamic_rows(full_layer, {3: (0, 1), 4: (0, 3)}),
+            top=_compile_with_dynamic_rows(top_layer, {3: (0, 1), 4: (0, 3)}),
+            from_context=_compile_with_dynamic_rows(layer_from_context, {3: (0, 2), 4: (0, 1)}),
+        )
+    return _compiled
+
+
+# Graphs one compiled layer function may build (dynamo's default, 8, is per function across the process):
+# bias or none × one row or more × a one-row top block, and another model configuration builds its own.
+RECOMPILE_LIMIT = 32
+
+
+def _compile_with_dynamic_rows(fn: Callable, dynamic_dims: dict[int, tuple[int, ...]]) -> Callable:
+    """torch.compile(fn), with the dims `dynamic_dims` names ({argument position: dims}) marked dynamic on
+    every call (rows and positions; a dim of size 1 is specialised, as dynamo does). Those arguments are
+    made contiguous from offset 0 first (a copy of a row slice of the prefix states, otherwise each stride
+    and offset pattern compiles again)."""
+    compiled = torch.compile(fn)
+
+    def call(*args):
+        args = list(args)
+        for position, dims in dynamic_dims.items():
+            tensor = args[position]
+            if tensor is None:
+                continue
+            if tensor.storage_offset() or not tensor.is_contiguous():
+                tensor = args[position] = tensor.clone(memory_format=torch.contiguous_format)
+            for dim in dims:
+                torch._dynamo.maybe_mark_dynamic(tensor, dim)
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            return compiled(*args)
+
+    return call
+
+
+def forward_rows(adapter: EncoderAdapter, weights: Weights, rows: Rows, need_grad: bool,
+                 functions: LayerFunctions = EAGER):
     """Run every row from its start layer to the logits.
 
     Returns (F [R], leaves): leaves is a list of (row slice, leaf tensor) whose gradients are the
@@ -122,12 +206,14 @@ def forward_rows(adapter: EncoderAdapter, weights: Weights, rows: Rows, need_gra
     leaves = []
     begin = 0
     for layer in range(first, n_layers):
+        lw, gate = weights.layers[layer], weights.gates[layer]
         end = begin
         while end < len(starts) and starts[end] == layer:
             end += 1
         is_top = top_shortcut and layer == n_layers - 1
         if hidden is not None:
-            hidden = _full_layer(adapter, weights, layer, hidden, None if bias is None else bias[:begin], is_top)
+            layer_fn = functions.top if is_top else functions.full
+            hidden = layer_fn(adapter, lw, gate, hidden, None if bias is None else bias[:begin])
         if end > begin:
             alpha = rows.alpha[begin:end].to(dtype).view(-1, 1, 1, 1)
             context = rows.context[begin:end]
@@ -136,31 +222,18 @@ def forward_rows(adapter: EncoderAdapter, weights: Weights, rows: Rows, need_gra
                 context, residual = context[:, :, :1], residual[:, :1]
             leaf = (alpha * context.to(dtype)).detach().requires_grad_(need_grad)
             leaves.append((slice(begin, end), leaf))
-            new = adapter.attention_output(weights, layer, leaf, residual.to(dtype))
-            new = adapter.feed_forward(weights, layer, new)
+            new = functions.from_context(adapter, lw, gate, leaf, residual.to(dtype))
             hidden = new if hidden is None else torch.cat([hidden, new], dim=0)
         begin = end
     logits = adapter.classify(weights, hidden, rows.key_mask)
     return target_probability(logits, rows.target), leaves
 
 
-def _full_layer(
-    adapter: EncoderAdapter, weights: Weights, layer: int, x: Tensor, bias: Tensor | None, is_top: bool
-) -> Tensor:
-    if is_top:
-        k, v = adapter.project_kv(weights, layer, x)
-        x = x[:, :1]
-        q = adapter.project_q(weights, layer, x)
-    else:
-        q, k, v = adapter.project_qkv(weights, layer, x)
-    context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=adapter.scale)
-    return adapter.feed_forward(weights, layer, adapter.attention_output(weights, layer, context, x))
-
-
-def context_gradients(adapter: EncoderAdapter, weights: Weights, rows: Rows) -> tuple[Tensor, Tensor]:
+def context_gradients(adapter: EncoderAdapter, weights: Weights, rows: Rows,
+                      functions: LayerFunctions = EAGER) -> tuple[Tensor, Tensor]:
     """(F [R], G [R, H, n, d] float32): one forward and one backward over the chunk."""
     with torch.enable_grad():
-        prob, leaves = forward_rows(adapter, weights, rows, need_grad=True)
+        prob, leaves = forward_rows(adapter, weights, rows, need_grad=True, functions=functions)
         grads = torch.autograd.grad(prob.sum(), [leaf for _, leaf in leaves])
     grad = torch.zeros(rows.context.shape, dtype=torch.float32, device=rows.context.device)
     for (span, _), g in zip(leaves, grads):
@@ -169,7 +242,8 @@ def context_gradients(adapter: EncoderAdapter, weights: Weights, rows: Rows) -> 
 
 
 def baseline_probability(adapter: EncoderAdapter, weights: Weights, rows: Rows) -> Tensor:
-    """F with the start layer's attention set to zero (α = 0), float32 [R]."""
+    """F with the start layer's attention set to zero (α = 0), float32 [R]. Eager: one forward row per (example,
+    layer), a small share of the work, and compiled functions would compile again without grad."""
     with torch.no_grad():
         prob, _ = forward_rows(adapter, weights, rows, need_grad=False)
     return prob
@@ -312,13 +386,15 @@ def attribute_group(
     rows_per_chunk: int,
     reduce_layer,
     padded: bool = True,
+    functions: LayerFunctions = EAGER,
 ) -> GroupResult:
     """Attributions for a group of examples padded to a common length (padding masked).
 
     `reduce_layer(state, context_grad, key_mask, full)` → (attributions [B, H, n, n] or None,
     head_max [B, H], head_argmax [B, H, 2], layer_attr [B, n, n]) is the backend: the torch ops in
     this module or the Triton kernel. `padded`: some example is shorter than the group (False skips the
-    mask bias; the caller knows it on the host).
+    mask bias; the caller knows it on the host). `functions`: what runs the rows' layers in their gradient
+    pass (eager or compiled).
     """
     device = input_ids.device
     keep_qk = getattr(reduce_layer, "needs_qk", False)
@@ -342,7 +418,7 @@ def attribute_group(
         span = slice(begin, begin + rows_per_chunk)
         rows, order = gather_rows(prefix, example[span], start_of[layer_idx[span]], alphas[node[span]], target,
                                   padded)
-        _, grad = context_gradients(adapter, row_weights, rows)
+        _, grad = context_gradients(adapter, row_weights, rows, functions)
         slot = (example[span] * n_layers + layer_idx[span])[order].to(device, non_blocking=True)
         weight = quad_weights[node[span]][order].to(device, non_blocking=True)
         grad_sum.index_add_(0, slot, grad * weight.view(-1, 1, 1, 1))

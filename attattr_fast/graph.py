@@ -413,11 +413,12 @@ def forward_with_attention_edits(
     x = adapter.embed(input_ids, token_type_ids, attention_mask, weights.dtype)
     bias = adapter.mask_bias(attention_mask, weights.dtype)
     for layer in range(adapter.n_layers):
-        q, k, v = adapter.project_qkv(weights, layer, x)
+        lw = weights.layers[layer]
+        q, k, v = adapter.project_qkv(lw, x)
         probs, _ = adapter.attention_probs(q, k, bias)
         if layer in keep:
             probs = probs * keep[layer].to(device=device, dtype=probs.dtype).unsqueeze(1)  # same for every head
-        x = adapter.feed_forward(weights, layer, adapter.attention_output(weights, layer, probs @ v, x))
+        x = adapter.layer_output(lw, weights.gates[layer], probs @ v, x)
     return adapter.classify(weights, x, attention_mask).float()
 
 

@@ -149,14 +149,15 @@ def _run_layers(adapter: EncoderAdapter, w: Weights, x: Tensor, key_mask: Tensor
     for layer in range(start, adapter.n_layers):
         if keep_inputs:
             inputs.append(x)
-        q, k, v = adapter.project_qkv(w, layer, x)
+        lw = w.layers[layer]
+        q, k, v = adapter.project_qkv(lw, x)
         probs, _ = adapter.attention_probs(q, k, bias)
         if keep_probs:
             probs_of.append(probs)
         context = probs @ v
         if multipliers is not None:
             context = context * multipliers[:, layer, :, None, None].to(context.dtype)
-        x = adapter.feed_forward(w, layer, adapter.attention_output(w, layer, context, x))
+        x = adapter.layer_output(lw, w.gates[layer], context, x)
     return adapter.classify(w, x, key_mask).float(), inputs, probs_of
 
 

@@ -47,9 +47,11 @@ KERNEL = ar._attribution_tiles
 def kernel_args(n: int, n_ex: int = 8, heads: int = 12, head_dim: int = 64, dtype=torch.float32, full: bool = True,
                 tile: int | None = None, warps: int | None = None):
     """(positional args, keyword args) of one launch, from `attribution_reduce.prepare_launch` on states laid
-    out as the engine's (Q, K, V [B, n, H, d] projections seen as [B, H, n, d]; Ḡ one layer of [B, L, H, n, d]).
+    out as the engine's (Q, K, V split from one [B, n, 3·H·d] projection, seen as [B, H, n, d]; Ḡ one layer of
+    [B, L, H, n, d]).
     CPU tensors: only dtypes, strides and alignment matter here."""
-    q, k, v = (torch.empty(n_ex, n, heads, head_dim, dtype=dtype).transpose(1, 2) for _ in range(3))
+    qkv = torch.empty(n_ex, n, 3 * heads * head_dim, dtype=dtype)
+    q, k, v = (t.view(n_ex, n, heads, head_dim).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
     lse = torch.empty(n_ex, heads, n)
     grad = torch.empty(n_ex, 12, heads, n, head_dim)[:, 3]
     mask = torch.ones(n_ex, n, dtype=torch.bool)

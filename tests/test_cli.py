@@ -38,6 +38,25 @@ def test_attribute_writes_results_equal_to_the_api(capsys, tmp_path, tiny_model_
     assert records[1].target == int(direct.target[0])
 
 
+def test_compile_option_reaches_the_engine(capsys, tmp_path, tiny_model_dir, monkeypatch):
+    """--compile builds the attributor with compile=True (compiled results: tests/test_engine.py)."""
+    import attattr_fast.api
+
+    asked = []
+
+    class Recording(AttentionAttribution):
+        def __init__(self, model, compile=False):
+            asked.append(compile)
+            super().__init__(model)
+
+    monkeypatch.setattr(attattr_fast.api, "AttentionAttribution", Recording)
+    for flags in ([], ["--compile"]):
+        code, _, _ = run_cli(capsys, "attribute", "--model", str(tiny_model_dir), "--text", "a good film",
+                             "--steps", "1", "--quiet", *flags)
+        assert code == 0
+    assert asked == [False, True]
+
+
 def test_input_file_with_pairs_and_gold_labels(capsys, tmp_path, tiny_model_dir):
     data = tmp_path / "data.jsonl"
     data.write_text('{"text": "good film", "text_pair": "loved it", "label": "positive"}\n'

@@ -52,6 +52,8 @@ def register(sub) -> None:
                    help="memory for one engine call's rows, e.g. 2GiB (default: half the free GPU memory, 1GiB on CPU)")
     p.add_argument("--repair", action="store_true", help="recompute damaged or missing shards of --out")
     p.add_argument("--no-truncate", action="store_true", help="refuse texts longer than the model takes")
+    p.add_argument("--compile", action="store_true",
+                   help="run the layers above each target under torch.compile (compiles first: for long runs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--quiet", action="store_true", help="print nothing per example")
     p.set_defaults(func=run)
@@ -124,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         if dist.world_size > 1 and device.type == "cuda":
             device = torch.device("cuda", dist.local_rank)  # one GPU per process
         model, tokenizer = common.load_model(args.model, device)
-        aa = AttentionAttribution(model)
+        aa = AttentionAttribution(model, compile=args.compile)
         layers = common.parse_layers(args.layers, aa.adapter.n_layers)
         corpus = corpora.prepare(aa, tokenizer, examples, truncate=not args.no_truncate)
         targets = corpora.resolve_targets(args.target, corpus, aa)

@@ -1,0 +1,133 @@
+"""Before/after rows for one engine change, both arms in one process, everything else equal: the engine on
+workload (a) (BERT-base shape, random weights), per case and arm the seconds (median), examples/s, the
+groups and their padding, and the largest difference between the arms' layer sums (they must agree to
+rounding).
+
+    --compare grouping   engine.plan_groups against the grouping it replaced (fixed-size groups sized by
+                         the batch's longest example, plan_report.sized_by_longest)
+    --compare compile    the rows' layers eager against torch.compile (AttentionAttribution(compile=True));
+                         the untimed warm-up call compiles, its time is recorded as warmup_seconds
+
+    python bench/engine_ab.py --compare grouping              # GPU: 256 examples; bf16 gl 2 and rr 20, float32 gl 2
+    python bench/engine_ab.py --compare compile --examples 32 # CPU: float32 gl 2
+
+Writes bench/results/<device>-<compare>_ab.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import bench_compare  # noqa: E402
+import common  # noqa: E402
+import plan_report  # noqa: E402
+
+from attattr_fast import AttentionAttribution, engine  # noqa: E402
+
+
+@contextlib.contextmanager
+def planner(plan, record: list):
+    """The engine with `plan` as its grouping; `record` gets (examples, length, rows per chunk) per group."""
+
+    def recording(sorted_lengths, rows_per_example, rows_for, overhead_tokens):
+        planned = plan(sorted_lengths, rows_per_example, rows_for, overhead_tokens)
+        record[:] = [(end - begin, sorted_lengths[end - 1], rows) for begin, end, rows in planned]
+        return planned
+
+    original = engine.plan_groups
+    engine.plan_groups = recording
+    try:
+        yield
+    finally:
+        engine.plan_groups = original
+
+
+# comparison → {arm: (AttentionAttribution keyword arguments, engine.plan_groups replacement)}; the first arm
+# is the new one, the second what it replaces.
+COMPARISONS = {
+    "grouping": {"plan_groups": ({}, engine.plan_groups), "sized_by_longest": ({}, plan_report.sized_by_longest)},
+    "compile": {"compiled": ({"compile": True}, engine.plan_groups), "eager": ({}, engine.plan_groups)},
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--compare", choices=sorted(COMPARISONS), required=True)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--examples", type=int, default=None, help="workload (a) examples (GPU 256, CPU 64)")
+    parser.add_argument("--cases", default=None, help="comma list of dtype:method:steps")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per row (GPU 3, CPU 1)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    device = common.pick_device(args.device)
+    gpu = device.type == "cuda"
+    common.set_threads(args.threads, device)
+    count = args.examples or (256 if gpu else 64)
+    repeats = args.repeats or (3 if gpu else 1)
+    default = "bf16:gausslegendre:2,bf16:riemann_right:20,float32:gausslegendre:2" if gpu else "float32:gausslegendre:2"
+    cases = (args.cases or default).split(",")
+    name = f"{args.compare}_ab"
+    env = common.environment(device)
+    print(f"device: {env['device']}; torch {env['versions']['torch']}")
+    model = common.random_bert(**bench_compare.SHAPES["bert-base"], seed=0, device=device)
+    lengths, _ = bench_compare.workload_lengths("a", count, seed=ord("a"))
+    ids, mask, types = (t.to(device) for t in common.random_batch(lengths, model.config.vocab_size, seed=ord("a")))
+    arms = COMPARISONS[args.compare]
+    attributors = {arm: AttentionAttribution(model, **kwargs) for arm, (kwargs, _) in arms.items()}
+    rows = []
+    payload = {"benchmark": name, "environment": env, "examples": count, "mean_length": float(np.mean(lengths)),
+               "repeats": repeats, "group_overhead_tokens": engine.GROUP_OVERHEAD_TOKENS, "rows": rows}
+    for case in cases:
+        dtype_name, method, steps = case.split(":")
+        if dtype_name == "bf16" and not gpu:
+            print(f"  {case}: skipped (bf16 on CUDA only)")
+            continue
+        dtype = None if dtype_name == "float32" else bench_compare.DTYPES[dtype_name]
+        results = {}
+        for arm, (_, plan) in arms.items():
+            groups, warmup = [], []
+
+            def call(aa=attributors[arm], dtype=dtype, method=method, steps=int(steps)):
+                return aa.attribute(ids, mask, types, method=method, n_steps=steps, dtype=dtype, backend="torch",
+                                    output="reduced", result_device=device)
+
+            def timed_warmup(call=call, warmup=warmup):
+                start = time.perf_counter()
+                call()
+                common.synchronize(device)
+                warmup.append(time.perf_counter() - start)
+
+            with planner(plan, groups):
+                timing = common.measure(call, device, repeats=repeats, warmup=1, warmup_fn=timed_warmup)
+            results[arm] = timing.result.layer_attr.float().cpu()
+            padded = sum(b * n for b, n, _ in groups)
+            row = {"case": case, "arm": arm, "seconds": timing.seconds, "times": timing.times,
+                   "warmup_seconds": warmup[0], "ex_per_s": count / timing.seconds, "peak_mib": timing.peak_mib,
+                   "groups": groups, "padding_fraction": padded / sum(lengths) - 1}
+            rows.append(row)
+            print(f"  {case:26s} {arm:17s} {timing.seconds:9.3f} s  {row['ex_per_s']:8.2f} ex/s  "
+                  f"(warm-up {warmup[0]:.1f} s)  {len(groups):3d} groups, padding {100 * row['padding_fraction']:.0f}%")
+        new, old = list(arms)
+        diff = float((results[new] - results[old]).abs().max() / results[old].abs().max())
+        speedup = rows[-1]["seconds"] / rows[-2]["seconds"]
+        rows[-2].update({f"speedup_over_{old}": speedup, "rel_diff_layer_attr": diff})
+        print(f"  {case:26s} {new} / {old}: {speedup:.2f}x, layer sums differ by {diff:.1e}")
+        common.write_json(payload, name, device, args.out)  # after every case: a step limit loses none
+    path = common.write_json(payload, name, device, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
