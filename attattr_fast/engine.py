@@ -172,6 +172,7 @@ def _compile_with_dynamic_rows(fn: Callable, dynamic_dims: dict[int, tuple[int, 
     made contiguous from offset 0 first (a copy of a row slice of the prefix states, otherwise each stride
     and offset pattern compiles again)."""
     compiled = torch.compile(fn)
+    limit_key = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"  # < 2.6
 
     def call(*args):
         args = list(args)
@@ -183,7 +184,7 @@ def _compile_with_dynamic_rows(fn: Callable, dynamic_dims: dict[int, tuple[int, 
                 tensor = args[position] = tensor.clone(memory_format=torch.contiguous_format)
             for dim in dims:
                 torch._dynamo.maybe_mark_dynamic(tensor, dim)
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+        with torch._dynamo.config.patch(**{limit_key: RECOMPILE_LIMIT}):
             return compiled(*args)
 
     return call

@@ -5,15 +5,17 @@
 #   1. put this checkout on PYTHONPATH (no install: pip's build step would need the internet)
 #   2. triton_compile_probe.py with an empty Triton cache (first vs second launch per specialisation)
 #   3. the GPU-marked tests (kernel vs torch ops, int64 offsets, engine triton vs torch)
-#   4. profile_engine.py --group-overhead: what one more group costs (engine.GROUP_OVERHEAD_TOKENS["cuda"])
+#   4. engine_ab.py --compare compile: the rows' layers eager against torch.compile (bf16 gl 2 and rr 20,
+#      256 sentences; the warm-up call's time includes compiling)
 #   5. profile_engine.py (the device's matmul ceilings; where the engine's GPU time goes), $PROFILE_ARGS
-#   6. grouping_ab.py: the engine with plan_groups against the grouping it replaced (bf16 gl 2 and rr 20,
+#   6. profile_engine.py --group-overhead: what one more group costs (engine.GROUP_OVERHEAD_TOKENS["cuda"])
+#   7. engine_ab.py --compare grouping: plan_groups against the grouping it replaced (bf16 gl 2 and rr 20,
 #      float32 gl 2; 256 sentences)
-#   7. bench_compare.py on $WORKLOADS (default a), $COMPARE_ARGS passed on, at most $COMPARE_LIMIT s each
-#   8. bench_kernel.py at n = 128, 512, 2048, float32 and bf16, launch configurations $KERNEL_CONFIGS
+#   8. bench_compare.py on $WORKLOADS (default a), $COMPARE_ARGS passed on, at most $COMPARE_LIMIT s each
+#   9. bench_kernel.py at n = 128, 512, 2048, float32 and bf16, launch configurations $KERNEL_CONFIGS
 #      (default: launch_config's, and tiles 32 and 64 at 8 warps, where ptxas reports fewer or no spills)
-# STEPS (default "probe tests overhead profile grouping compare kernel") picks steps; every step's log goes to $OUT too, with
-# the result JSONs this run wrote (not older ones).
+# STEPS (default "probe tests compile profile overhead grouping compare kernel") picks steps; every step's log
+# goes to $OUT too, with the result JSONs this run wrote (not older ones).
 # Results land in bench/results/ (commit them) and are copied to $OUT when it is set (the device tool).
 #
 #     bash bench/gpu_session.sh            # on the device: run(command="bash bench/gpu_session.sh", timeout_s=600)
@@ -25,7 +27,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 python=${PYTHON:-python3}
 results=bench/results
 budget=${BUDGET:-560}
-steps=${STEPS:-probe tests overhead profile grouping compare kernel}
+steps=${STEPS:-probe tests compile profile overhead grouping compare kernel}
 out=${OUT:-/tmp/gpu_session}; mkdir -p "$out"
 log() { echo "== $(date +%H:%M:%S) [${SECONDS}s] $*"; }
 # step LIMIT CMD...: run CMD for at most LIMIT seconds and never past the budget; skip it when < 30 s are left
@@ -57,9 +59,10 @@ if want tests; then
     log "GPU tests"
     step 50 $python -m pytest -q -m gpu tests/ 2>&1 | tee "$out/tests.log" | tail -15
 fi
-if want overhead; then
-    log "group overhead"
-    step 60 $python bench/profile_engine.py --group-overhead 2>&1 | tee "$out/overhead.log" | tail -12
+if want compile; then
+    log "torch.compile before/after"
+    step 180 $python bench/engine_ab.py --compare compile --cases bf16:gausslegendre:2,bf16:riemann_right:20 \
+        --repeats 2 2>&1 | tee "$out/compile.log"
     copy_out
 fi
 if want profile; then
@@ -67,9 +70,14 @@ if want profile; then
     step ${PROFILE_LIMIT:-120} $python bench/profile_engine.py ${PROFILE_ARGS---examples 128} 2>&1 | tee "$out/profile.log" | tail -60
     copy_out
 fi
+if want overhead; then
+    log "group overhead"
+    step 60 $python bench/profile_engine.py --group-overhead 2>&1 | tee "$out/overhead.log" | tail -12
+    copy_out
+fi
 if want grouping; then
     log "grouping before/after"
-    step 90 $python bench/grouping_ab.py 2>&1 | tee "$out/grouping.log"
+    step 90 $python bench/engine_ab.py --compare grouping 2>&1 | tee "$out/grouping.log"
     copy_out
 fi
 if want compare; then
