@@ -77,7 +77,7 @@ def run_prefix(
                 states[layer] = LayerState(
                     hidden_in=x,
                     context=context,
-                    values=v,
+                    values=v if keep_qk else v.contiguous(),  # else a view that keeps Q and K alive
                     probs=probs if keep_probs else None,
                     queries=q if keep_qk else None,
                     keys=k if keep_qk else None,
@@ -169,8 +169,8 @@ RECOMPILE_LIMIT = 32
 def _compile_with_dynamic_rows(fn: Callable, dynamic_dims: dict[int, tuple[int, ...]]) -> Callable:
     """torch.compile(fn), with the dims `dynamic_dims` names ({argument position: dims}) marked dynamic on
     every call (rows and positions; a dim of size 1 is specialised, as dynamo does). Those arguments are
-    made contiguous from offset 0 first (a copy of a row slice of the prefix states, otherwise each stride
-    and offset pattern compiles again)."""
+    made contiguous from offset 0 first (a copy of a row slice of the prefix states), so differing strides
+    and offsets do not add graphs."""
     compiled = torch.compile(fn)
     limit_key = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"  # < 2.6
 

@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         diff = float((results[new] - results[old]).abs().max() / results[old].abs().max())
         speedup = rows[-1]["seconds"] / rows[-2]["seconds"]
         rows[-2].update({f"speedup_over_{old}": speedup, "rel_diff_layer_attr": diff})
-        print(f"  {case:26s} {new} / {old}: {speedup:.2f}x, layer sums differ by {diff:.1e}")
+        print(f"  {case:26s} {new}: {speedup:.2f}x the speed of {old}, layer sums differ by {diff:.1e}")
         common.write_json(payload, name, device, args.out)  # after every case: a step limit loses none
     path = common.write_json(payload, name, device, args.out)
     print(f"wrote {path}")
