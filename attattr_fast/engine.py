@@ -25,6 +25,7 @@ from torch import Tensor
 
 from attattr_fast import reductions
 from attattr_fast.adapters import EncoderAdapter, LayerWeights, Weights
+from attattr_fast.errors import AttAttrError
 
 log = logging.getLogger(__name__)
 
@@ -184,8 +185,12 @@ def _compile_with_dynamic_rows(fn: Callable, dynamic_dims: dict[int, tuple[int, 
                 tensor = args[position] = tensor.clone(memory_format=torch.contiguous_format)
             for dim in dims:
                 torch._dynamo.maybe_mark_dynamic(tensor, dim)
-        with torch._dynamo.config.patch(**{limit_key: RECOMPILE_LIMIT}):
-            return compiled(*args)
+        try:
+            with torch._dynamo.config.patch(**{limit_key: RECOMPILE_LIMIT}):
+                return compiled(*args)
+        except torch._dynamo.exc.BackendCompilerFailed as exc:  # e.g. no C++ compiler for inductor on a CPU
+            reason = str(exc).strip().splitlines()[0]
+            raise AttAttrError(f"torch.compile of the layers failed ({reason}); run without compile") from exc
 
     return call
 

@@ -57,6 +57,21 @@ def test_compile_option_reaches_the_engine(capsys, tmp_path, tiny_model_dir, mon
     assert asked == [False, True]
 
 
+def test_compile_failure_is_one_line(capsys, tiny_model_dir, monkeypatch):
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(inductor.cpp, "cxx", ("/nonexistent/c++",))
+    monkeypatch.setattr(inductor, "fx_graph_cache", False)
+    torch._dynamo.reset()
+    try:
+        code, out, err = run_cli(capsys, "attribute", "--model", str(tiny_model_dir), "--text", "a good film",
+                                 "--steps", "1", "--quiet", "--no-progress", "--compile")
+    finally:
+        torch._dynamo.reset()
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "torch.compile of the layers failed" in err and "C++ compiler" in err, err
+
+
 def test_input_file_with_pairs_and_gold_labels(capsys, tmp_path, tiny_model_dir):
     data = tmp_path / "data.jsonl"
     data.write_text('{"text": "good film", "text_pair": "loved it", "label": "positive"}\n'
