@@ -5,10 +5,12 @@ full output) under torch.profiler, per (backend, dtype, rule) case. Per case: wa
 time and its share of the wall (the rest is the GPU waiting on the host: launches, syncs, Python), kernel
 launches, host syncs, GPU time by category (matmuls, attention, the Triton reduction, copies, element-wise and
 normalisation), the top kernels, and the groups the engine ran (examples, padded length, rows per chunk; the
-padding they computed). Before that, the ceilings measured on this device: a large bf16 and a float32
-matrix product, and bf16 products at the engine's own shapes (rows·n tokens × 768 → 768/3072); after the
-cases (or alone, with --group-overhead), what one more group costs (`group_scaling`: the same sentences
-split into 2, 4, 8, … groups), in row-tokens: the figure `engine.GROUP_OVERHEAD_TOKENS` stands for.
+padding they computed), and the matrix-product FLOPs the call executed (torch.profiler's count) over the
+cost model's (bench/common.py engine_flops, what TFLOP/s figures divide). Before that, the ceilings measured
+on this device: a large bf16 and a float32 matrix product, and bf16 products at the engine's own shapes
+(rows·n tokens × 768 → 768/3072); after the cases (or alone, with --group-overhead), what one more group
+costs (`group_scaling`: the same sentences split into 2, 4, 8, … groups), in row-tokens: the figure
+`engine.GROUP_OVERHEAD_TOKENS` stands for.
 
     python bench/profile_engine.py                 # GPU: 256 examples (a), the cases in --help, group overhead
     python bench/profile_engine.py --quick         # CPU smoke test: small shape, 4 examples, CPU activity only
@@ -116,18 +118,24 @@ class GroupLog:
                 "row_tokens_per_group_mean": rows_per_example * padded / len(self.groups)}
 
 
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")  # the leaves torch.profiler counts FLOPs on
+
+
 def profile_case(call, device, flops: float, rows_per_example: int) -> dict:
     call()  # warm-up (Triton compilation, cuBLAS handles)
     common.synchronize(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with GroupLog() as groups, profile(activities=activities) as prof:
+    with GroupLog() as groups, profile(activities=activities, with_flops=True) as prof:
         t0 = time.perf_counter()
         call()
         common.synchronize(device)
         wall = time.perf_counter() - t0
     by_cat, kernels, launches, syncs = defaultdict(float), defaultdict(lambda: [0.0, 0]), 0, 0
+    executed = 0.0  # matrix-product FLOPs the profiler counted on the ops the call ran, forward and backward
     for evt in prof.events():
         name = evt.name
+        if name in MATMUL_OPS:
+            executed += evt.flops or 0
         if evt.device_type == torch.autograd.DeviceType.CUDA:
             us = evt.time_range.elapsed_us()
             by_cat[category(name)] += us
@@ -143,6 +151,7 @@ def profile_case(call, device, flops: float, rows_per_example: int) -> dict:
         "plan": groups.summary(rows_per_example),
         "wall_s": wall, "gpu_kernel_s": gpu_s, "gpu_busy_fraction": gpu_s / wall if device.type == "cuda" else None,
         "tflops_wall": flops / wall / 1e12, "tflops_gpu_busy": flops / gpu_s / 1e12 if gpu_s else None,
+        "executed_matmul_flops": executed, "executed_over_cost_model": executed / flops,
         "kernel_launches": launches, "host_syncs_and_copies": syncs,
         "gpu_seconds_by_category": {k: v / 1e6 for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
         "top_kernels": [{"name": n[:160], "gpu_s": t / 1e6, "calls": c} for n, (t, c) in top],
@@ -242,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         common.write_json(payload, "profile_engine" + ("-quick" if args.quick else ""), device, args.out)
         busy = f", GPU busy {100 * res['gpu_busy_fraction']:.0f}%" if gpu else ""
         print(f"\n== {case}: wall {res['wall_s']:.3f} s, {res['tflops_wall']:.1f} TFLOP/s{busy}, "
-              f"{res['kernel_launches']} launches, {res['host_syncs_and_copies']} syncs/copies")
+              f"{res['kernel_launches']} launches, {res['host_syncs_and_copies']} syncs/copies; matrix products "
+              f"executed {res['executed_over_cost_model']:.2f}x the cost model's FLOPs")
         plan = res["plan"]
         print(f"   {len(plan['groups'])} groups, padding {100 * plan['padding_fraction']:.0f}%, "
               f"{plan['row_tokens_per_group_mean']:.0f} row-tokens per group")
