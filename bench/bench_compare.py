@@ -6,9 +6,10 @@ Rows per workload:
                            Riemann sum, padded to 128 tokens, float32
   captum rr 20             `captum.attr.IntegratedGradients` on a forward that takes one layer's attention
                            (`naive.captum_attribute`), per example at its real length; skipped without captum
-  engine                   torch and triton backends (triton on CUDA only), float32 and bf16 (CUDA only),
-                           riemann_right 20 and gausslegendre with the fewest nodes K* whose error is at most
-                           riemann_right 20's (searched on this workload)
+  engine                   torch and triton backends (triton on CUDA only); bf16, tf32 (float32 with TF32
+                           products: float32_matmul_precision "high") and float32 ("highest"), the first two
+                           on CUDA only; riemann_right 20 and gausslegendre with the fewest nodes K* whose
+                           error is at most riemann_right 20's (searched on this workload)
 
 Workloads on a BERT-base-shaped model (12 layers, 12 heads, hidden 768, random weights): (a) single
 sentences with SST-2-like lengths (mean about 25 tokens), (b) sentence pairs with MNLI-like lengths (about
@@ -17,7 +18,7 @@ sentences with SST-2-like lengths (mean about 25 tokens), (b) sentence pairs wit
 Per row: examples/s, speed-up over the naive loop (m = 20 and m = 64) and Captum, FLOPs per example from
 DESIGN §2's cost model (each method's own passes: the loop runs L layers forward and L − l + 1 backward per
 node; the engine 2·(L − l + 1) per node plus one forward), achieved TFLOP/s and its fraction of the device's
-peak (bf16 for bf16 rows, tf32 for float32 rows; n/a on the CPU), peak memory, and the error against a
+peak (bf16 for bf16 rows, tf32 for tf32 and float32 rows; n/a on the CPU), peak memory, and the error against a
 converged reference (the engine, gausslegendre 64, float32): worst layer's max |attr − ref| / max |ref|.
 
     python bench/bench_compare.py             # GPU: 256 examples per workload (baselines on 32 of them)
@@ -60,6 +61,10 @@ WORKLOADS = {
     "c": "n = 128 fixed",
 }
 DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16}
+# The engine's rows: (name, dtype, torch's float32 matmul precision). tf32 is float32 throughout with the
+# products on TF32 tensor cores (inputs rounded to a 10-bit mantissa, float32 accumulation), CUDA only.
+ENGINE_PRECISIONS = (("bf16", torch.bfloat16, "highest"), ("tf32", torch.float32, "high"),
+                     ("float32", torch.float32, "highest"))
 
 
 # -- workloads ------------------------------------------------------------------------------------------
@@ -222,45 +227,54 @@ def run_workload(kind: str, model, shape: dict, args, device, checkpoint=lambda 
             resolve_backend("triton", device)
         except AttAttrError as exc:
             triton_reason = str(exc)
-    for dtype_name, dtype in reversed(DTYPES.items()):  # bf16 first: the headline rows
-        for backend in ("torch", "triton"):  # torch first: the Triton rows were slowest in a process's first calls
-            reason = triton_reason if backend == "triton" else None
-            for method, steps, label in (("riemann_right", 20, "rr 20"), ("gausslegendre", k_star, f"gl {k_star}")):
-                name = f"engine {backend} {dtype_name} {label}"
-                fields = {"method": method, "steps": steps, "backend": backend, "dtype": dtype_name}
-                if reason:
-                    rows.append(skipped(name, reason, **fields))
-                    continue
-                if dtype is torch.bfloat16 and device.type != "cuda":
-                    rows.append(skipped(name, f"bf16 rows run on CUDA only; this run is on {device.type}", **fields))
-                    continue
-                run_dtype = None if dtype is torch.float32 else dtype
-                timing = common.measure(
-                    lambda m=method, s=steps, d=run_dtype, b=backend: engine_call(m, s, d, b), device,
-                    repeats=args.repeats, warmup=1,
-                    warmup_fn=lambda m=method, s=steps, d=run_dtype, b=backend: engine_call(m, s, d, b, warm))
-                row = {"row": name, **fields, "length": "real", "rel_error": common.relative_error(
-                    attr_of(timing.result), reference)}
-                timing.result = None
-                rows.append(finish_row(row, timing, n_all, lengths, lengths, "engine", steps, args, shape, device,
-                                       dtype))
-                # The speed-ups compare equal work: the engine again on the baselines' examples alone (unless
-                # those are all the examples, timed just above).
-                if base == n_all:
-                    same, same_error = timing, row["rel_error"]
-                else:
-                    same = common.measure(
-                        lambda m=method, s=steps, d=run_dtype, b=backend: engine_call(m, s, d, b, base), device,
-                        repeats=args.repeats, warmup=0)
-                    same_error = common.relative_error(attr_of(same.result), reference[base])
-                    same.result = None
-                row["on_baseline_examples"] = {
-                    "examples": base, "seconds": same.seconds, "ex_per_s": len(base) / same.seconds,
-                    "rel_error": same_error}
-                print(f"  {name}: {row['seconds']:.2f} s for {len(n_all)} examples, error {row['rel_error']:.2e}; "
-                      f"{same.seconds:.2f} s on the baselines' {len(base)}, error "
-                      f"{row['on_baseline_examples']['rel_error']:.2e}")
-                checkpoint(summary())
+    precision_before = torch.get_float32_matmul_precision()
+    try:
+        for dtype_name, dtype, precision in ENGINE_PRECISIONS:  # bf16 first: the headline rows
+            torch.set_float32_matmul_precision(precision)
+            # torch first: the Triton rows were slowest in a process's first calls; tf32 changes the rows'
+            # products, not the reduction, so its Triton rows would repeat float32's kernel
+            for backend in ("torch",) if dtype_name == "tf32" else ("torch", "triton"):
+                reason = triton_reason if backend == "triton" else None
+                for method, steps, label in (("riemann_right", 20, "rr 20"), ("gausslegendre", k_star, f"gl {k_star}")):
+                    name = f"engine {backend} {dtype_name} {label}"
+                    fields = {"method": method, "steps": steps, "backend": backend, "dtype": dtype_name}
+                    if reason:
+                        rows.append(skipped(name, reason, **fields))
+                        continue
+                    if dtype_name != "float32" and device.type != "cuda":
+                        rows.append(skipped(name, f"{dtype_name} rows run on CUDA only; this run is on {device.type}",
+                                            **fields))
+                        continue
+                    run_dtype = None if dtype is torch.float32 else dtype
+                    timing = common.measure(
+                        lambda m=method, s=steps, d=run_dtype, b=backend: engine_call(m, s, d, b), device,
+                        repeats=args.repeats, warmup=1,
+                        warmup_fn=lambda m=method, s=steps, d=run_dtype, b=backend: engine_call(m, s, d, b, warm))
+                    row = {"row": name, **fields, "length": "real", "rel_error": common.relative_error(
+                        attr_of(timing.result), reference)}
+                    timing.result = None
+                    rows.append(finish_row(row, timing, n_all, lengths, lengths, "engine", steps, args, shape, device,
+                                           dtype))
+                    # The speed-ups compare equal work: the engine again on the baselines' examples alone (unless
+                    # those are all the examples, timed just above).
+                    if base == n_all:
+                        same, same_error = timing, row["rel_error"]
+                    else:
+                        same = common.measure(
+                            lambda m=method, s=steps, d=run_dtype, b=backend: engine_call(m, s, d, b, base), device,
+                            repeats=args.repeats, warmup=0)
+                        same_error = common.relative_error(attr_of(same.result), reference[base])
+                        same.result = None
+                    row["on_baseline_examples"] = {
+                        "examples": base, "seconds": same.seconds, "ex_per_s": len(base) / same.seconds,
+                        "rel_error": same_error}
+                    print(f"  {name}: {row['seconds']:.2f} s for {len(n_all)} examples, error {row['rel_error']:.2e}; "
+                          f"{same.seconds:.2f} s on the baselines' {len(base)}, error "
+                          f"{row['on_baseline_examples']['rel_error']:.2e}")
+                    checkpoint(summary())
+
+    finally:
+        torch.set_float32_matmul_precision(precision_before)
 
     return summary()
 
