@@ -57,15 +57,14 @@ def test_compile_option_reaches_the_engine(capsys, tmp_path, tiny_model_dir, mon
     assert asked == [False, True]
 
 
-def test_compile_failure_is_one_line(capsys, tiny_model_dir, monkeypatch):
+def test_compile_failure_is_one_line(capsys, tiny_model_dir):
     import torch._inductor.config as inductor
 
-    monkeypatch.setattr(inductor.cpp, "cxx", ("/nonexistent/c++",))
-    monkeypatch.setattr(inductor, "fx_graph_cache", False)
     torch._dynamo.reset()
-    try:
-        code, out, err = run_cli(capsys, "attribute", "--model", str(tiny_model_dir), "--text", "a good film",
-                                 "--steps", "1", "--quiet", "--no-progress", "--compile")
+    try:  # no C++ compiler, and no cached graph that would spare the compile
+        with inductor.patch({"cpp.cxx": ("/nonexistent/c++",), "fx_graph_cache": False}):
+            code, out, err = run_cli(capsys, "attribute", "--model", str(tiny_model_dir), "--text", "a good film",
+                                     "--steps", "1", "--quiet", "--no-progress", "--compile")
     finally:
         torch._dynamo.reset()
     assert code == 2 and out == ""
