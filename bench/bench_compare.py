@@ -272,7 +272,6 @@ def run_workload(kind: str, model, shape: dict, args, device, checkpoint=lambda 
                           f"{same.seconds:.2f} s on the baselines' {len(base)}, error "
                           f"{row['on_baseline_examples']['rel_error']:.2e}")
                     checkpoint(summary())
-
     finally:
         torch.set_float32_matmul_precision(precision_before)
 
