@@ -19,7 +19,7 @@ masks, so head pruning works through these. Other families plug in with `registe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +59,13 @@ class Weights:
     gates: Tensor  # [L, H]
     head: dict[str, Tensor]
     dtype: torch.dtype
+    # per layer: its gates [H], or None where all are 1 (the context is then not multiplied: one element-wise
+    # pass less each way); derived from `gates`, so `dataclasses.replace(w, gates=...)` recomputes it
+    layer_gates: list[Tensor | None] = field(init=False)
+
+    def __post_init__(self):
+        all_one = (self.gates == 1).all(dim=1).tolist()
+        self.layer_gates = [None if one else gate for one, gate in zip(all_one, self.gates)]
 
 
 def _linear(module: torch.nn.Linear) -> tuple[Tensor, Tensor]:
@@ -181,14 +188,16 @@ class EncoderAdapter:
         width = self.n_heads * self.head_dim
         return self._split_heads(F.linear(x, lw.wqkv[:width], lw.bqkv[:width]))
 
-    def attention_output(self, lw: LayerWeights, gate: Tensor, ctx: Tensor, residual: Tensor) -> Tensor:
-        """LN(residual + W_o merge(gate · ctx) + b_o); gate [H], ctx [B, H, n, d], residual [B, n, D]."""
-        ctx = ctx * gate.view(1, -1, 1, 1)
+    def attention_output(self, lw: LayerWeights, gate: Tensor | None, ctx: Tensor, residual: Tensor) -> Tensor:
+        """LN(residual + W_o merge(gate · ctx) + b_o); gate [H] (None: all 1), ctx [B, H, n, d], residual
+        [B, n, D]."""
+        if gate is not None:
+            ctx = ctx * gate.view(1, -1, 1, 1)
         merged = ctx.transpose(1, 2).reshape(*residual.shape[:-1], self.n_heads * self.head_dim)
         out = F.linear(merged, lw.wo, lw.bo) + residual
         return F.layer_norm(out, out.shape[-1:], lw.ln_attn_w, lw.ln_attn_b, self.eps)
 
-    def layer_output(self, lw: LayerWeights, gate: Tensor, ctx: Tensor, residual: Tensor) -> Tensor:
+    def layer_output(self, lw: LayerWeights, gate: Tensor | None, ctx: Tensor, residual: Tensor) -> Tensor:
         """The layer's output X^{l+1} from its attention context and its input X^l (the residual)."""
         return self.feed_forward(lw, self.attention_output(lw, gate, ctx, residual))
 
@@ -237,7 +246,7 @@ class EncoderAdapter:
         for layer, lw in enumerate(w.layers):
             q, k, v = self.project_qkv(lw, x)
             probs, _ = self.attention_probs(q, k, bias)
-            x = self.layer_output(lw, w.gates[layer], probs @ v, x)
+            x = self.layer_output(lw, w.layer_gates[layer], probs @ v, x)
         return self.classify(w, x, attention_mask).float()
 
 

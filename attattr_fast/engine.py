@@ -85,7 +85,7 @@ def run_prefix(
                     lse=lse if keep_qk else None,
                     scale=adapter.scale,
                 )
-            x = adapter.layer_output(lw, weights.gates[layer], context, x)
+            x = adapter.layer_output(lw, weights.layer_gates[layer], context, x)
         logits = adapter.classify(weights, x, key_mask).float()
     return Prefix(layers=states, logits=logits, key_mask=key_mask.bool())
 
@@ -108,19 +108,21 @@ def target_probability(logits: Tensor, target: Tensor) -> Tensor:
     return torch.softmax(logits.float(), dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
 
 
-def layer_from_context(adapter: EncoderAdapter, lw: LayerWeights, gate: Tensor, context: Tensor,
+def layer_from_context(adapter: EncoderAdapter, lw: LayerWeights, gate: Tensor | None, context: Tensor,
                        residual: Tensor) -> Tensor:
     """`adapter.layer_output` as a function of tensors (what `compiled_layer_functions` compiles)."""
     return adapter.layer_output(lw, gate, context, residual)
 
 
-def full_layer(adapter: EncoderAdapter, lw: LayerWeights, gate: Tensor, x: Tensor, bias: Tensor | None) -> Tensor:
+def full_layer(adapter: EncoderAdapter, lw: LayerWeights, gate: Tensor | None, x: Tensor,
+               bias: Tensor | None) -> Tensor:
     """A whole layer on rows already running."""
     q, k, v = adapter.project_qkv(lw, x)
     return _attend(adapter, lw, gate, q, k, v, bias, x)
 
 
-def top_layer(adapter: EncoderAdapter, lw: LayerWeights, gate: Tensor, x: Tensor, bias: Tensor | None) -> Tensor:
+def top_layer(adapter: EncoderAdapter, lw: LayerWeights, gate: Tensor | None, x: Tensor,
+              bias: Tensor | None) -> Tensor:
     """The top layer under a head that reads position 0: keys and values of all positions, the rest for
     position 0 only ([R, 1, D])."""
     k, v = adapter.project_kv(lw, x)
@@ -212,7 +214,7 @@ def forward_rows(adapter: EncoderAdapter, weights: Weights, rows: Rows, need_gra
     leaves = []
     begin = 0
     for layer in range(first, n_layers):
-        lw, gate = weights.layers[layer], weights.gates[layer]
+        lw, gate = weights.layers[layer], weights.layer_gates[layer]
         end = begin
         while end < len(starts) and starts[end] == layer:
             end += 1

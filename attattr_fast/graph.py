@@ -418,7 +418,7 @@ def forward_with_attention_edits(
         probs, _ = adapter.attention_probs(q, k, bias)
         if layer in keep:
             probs = probs * keep[layer].to(device=device, dtype=probs.dtype).unsqueeze(1)  # same for every head
-        x = adapter.layer_output(lw, weights.gates[layer], probs @ v, x)
+        x = adapter.layer_output(lw, weights.layer_gates[layer], probs @ v, x)
     return adapter.classify(weights, x, attention_mask).float()
 
 

@@ -157,7 +157,7 @@ def _run_layers(adapter: EncoderAdapter, w: Weights, x: Tensor, key_mask: Tensor
         context = probs @ v
         if multipliers is not None:
             context = context * multipliers[:, layer, :, None, None].to(context.dtype)
-        x = adapter.layer_output(lw, w.gates[layer], context, x)
+        x = adapter.layer_output(lw, w.layer_gates[layer], context, x)
     return adapter.classify(w, x, key_mask).float(), inputs, probs_of
 
 

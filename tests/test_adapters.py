@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -39,6 +40,17 @@ def test_head_gate_equals_zeroing_that_heads_values(family):
         expected = zeroed(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
     torch.testing.assert_close(got, expected, atol=ADAPTER_ATOL, rtol=0)
     assert not torch.allclose(got, adapter_for(model).forward(ids, mask, types))
+
+
+def test_layers_with_all_gates_one_skip_the_multiply_and_replace_recomputes_it():
+    adapter = adapter_for(tiny_classifier("bert"))
+    adapter.head_gates[1, 2] = 0.5
+    w = adapter.weights()
+    assert w.layer_gates[0] is None and w.layer_gates[2] is None
+    torch.testing.assert_close(w.layer_gates[1], w.gates[1])
+    regated = dataclasses.replace(w, gates=torch.ones_like(w.gates).index_fill_(0, torch.tensor([0]), 0.0))
+    assert regated.layer_gates[1] is None and regated.layer_gates[2] is None
+    assert torch.equal(regated.layer_gates[0], torch.zeros(4))
 
 
 def test_unsupported_family_is_named_in_one_line():
