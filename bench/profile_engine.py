@@ -26,7 +26,7 @@ import inspect
 import os
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -132,8 +132,11 @@ def profile_case(call, device, flops: float, rows_per_example: int) -> dict:
         wall = time.perf_counter() - t0
     by_cat, kernels, launches, syncs = defaultdict(float), defaultdict(lambda: [0.0, 0]), 0, 0
     executed = 0.0  # matrix-product FLOPs the profiler counted on the ops the call ran, forward and backward
+    op_counts = Counter()  # aten ops the call dispatched (each a kernel, or a few, on the GPU)
     for evt in prof.events():
         name = evt.name
+        if name.startswith("aten::"):
+            op_counts[name] += 1
         if name in MATMUL_OPS:
             executed += evt.flops or 0
         if evt.device_type == torch.autograd.DeviceType.CUDA:
@@ -152,6 +155,7 @@ def profile_case(call, device, flops: float, rows_per_example: int) -> dict:
         "wall_s": wall, "gpu_kernel_s": gpu_s, "gpu_busy_fraction": gpu_s / wall if device.type == "cuda" else None,
         "tflops_wall": flops / wall / 1e12, "tflops_gpu_busy": flops / gpu_s / 1e12 if gpu_s else None,
         "executed_matmul_flops": executed, "executed_over_cost_model": executed / flops,
+        "aten_ops": sum(op_counts.values()), "aten_op_counts_top": dict(op_counts.most_common(20)),
         "kernel_launches": launches, "host_syncs_and_copies": syncs,
         "gpu_seconds_by_category": {k: v / 1e6 for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
         "top_kernels": [{"name": n[:160], "gpu_s": t / 1e6, "calls": c} for n, (t, c) in top],
