@@ -153,7 +153,8 @@ class EncoderAdapter:
             ]  # fmt: skip
             layers.append(LayerWeights(*(t.to(dtype) for t in tensors)))
         head = {k: v.to(dtype) for k, v in self._head_weights().items()}
-        gates = self.head_gates.to(device=self.device, dtype=dtype)
+        # a copy: a later change to head_gates must not reach a snapshot whose layer_gates are already derived
+        gates = self.head_gates.to(device=self.device, dtype=dtype, copy=True)
         return Weights(layers=layers, gates=gates, head=head, dtype=dtype)
 
     # -- the model as functions ---------------------------------------------------------------

@@ -1,12 +1,13 @@
 """What reduced-precision products would cost in accuracy, measured on the CPU by emulating them.
 
-The engine on workload-(a) sentences (BERT-base shape, random weights, all layers, gausslegendre 2), with the
-matrix products of the rows and the prefix (the adapter's linear layers, forward and input-gradient
-backward, and the rows' attention forward; not the prefix's attention or the attention backward) fed inputs
-rounded to a shorter mantissa in float32 arithmetic, against the plain float32 engine at the same rule (so
-the quadrature error cancels):
+The engine on workload-(a) sentences (BERT-base shape, random weights, all layers, gausslegendre 2), with
+some matrix products fed inputs rounded to a shorter mantissa, in float32 arithmetic, against the plain
+float32 engine at the same rule (so the quadrature error cancels). Rounded: the inputs of the adapter's
+linear layers (rows and prefix, forward and input-gradient backward) and of the rows' attention (its
+backward computes in float32 on those inputs; its output is not rounded). Not rounded: the prefix's
+attention products and the reduction's product, which TF32 mode would also touch on a GPU.
 
-    tf32-rn      inputs rounded to nearest at 10 mantissa bits (TF32 tensor cores, rounding)
+    tf32-rn      inputs rounded to nearest (ties away from zero) at 10 mantissa bits (TF32, rounding)
     tf32-trunc   inputs truncated to 10 mantissa bits (TF32, truncating conversion)
     bf16-stream  inputs and outputs rounded to nearest at 7 bits (bf16 products; residual stream, LayerNorm
                  and softmax stay float32)
