@@ -14,6 +14,7 @@ Parameters never require grad; the backward stops at the leaves.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -187,14 +188,20 @@ def _compile_with_dynamic_rows(fn: Callable, dynamic_dims: dict[int, tuple[int, 
                 tensor = args[position] = tensor.clone(memory_format=torch.contiguous_format)
             for dim in dims:
                 torch._dynamo.maybe_mark_dynamic(tensor, dim)
-        try:
-            with torch._dynamo.config.patch(**{limit_key: RECOMPILE_LIMIT}):
-                return compiled(*args)
-        except torch._dynamo.exc.BackendCompilerFailed as exc:  # e.g. no C++ compiler for inductor on a CPU
-            reason = str(exc).strip().splitlines()[0]
-            raise AttAttrError(f"torch.compile of the layers failed ({reason}); run without compile") from exc
+        with _compile_failure_is_an_error(), torch._dynamo.config.patch(**{limit_key: RECOMPILE_LIMIT}):
+            return compiled(*args)
 
     return call
+
+
+@contextlib.contextmanager
+def _compile_failure_is_an_error():
+    """A failed compile (e.g. no C++ compiler for inductor on a CPU) as one `AttAttrError` line."""
+    try:
+        yield
+    except torch._dynamo.exc.TorchDynamoException as exc:
+        reason = str(exc).strip().splitlines()[0]
+        raise AttAttrError(f"torch.compile of the layers failed ({reason}); run without compile") from exc
 
 
 def forward_rows(adapter: EncoderAdapter, weights: Weights, rows: Rows, need_grad: bool,
@@ -242,7 +249,9 @@ def context_gradients(adapter: EncoderAdapter, weights: Weights, rows: Rows,
     """(F [R], G [R, H, n, d] float32): one forward and one backward over the chunk."""
     with torch.enable_grad():
         prob, leaves = forward_rows(adapter, weights, rows, need_grad=True, functions=functions)
-        grads = torch.autograd.grad(prob.sum(), [leaf for _, leaf in leaves])
+        # a compiled backward may compile on its first run, here
+        with contextlib.nullcontext() if functions is EAGER else _compile_failure_is_an_error():
+            grads = torch.autograd.grad(prob.sum(), [leaf for _, leaf in leaves])
     grad = torch.zeros(rows.context.shape, dtype=torch.float32, device=rows.context.device)
     for (span, _), g in zip(leaves, grads):
         grad[span, :, : g.shape[2]] = g.float()
