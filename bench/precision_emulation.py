@@ -1,23 +1,21 @@
 """What reduced-precision products would cost in accuracy, measured on the CPU by emulating them.
 
 The engine on workload-(a) sentences (BERT-base shape, random weights, all layers, gausslegendre 2), with
-some matrix products fed inputs rounded to a shorter mantissa, in float32 arithmetic, against the plain
-float32 engine at the same rule (so the quadrature error cancels). Rounded: the inputs of the adapter's
-linear layers (rows and prefix, forward and input-gradient backward) and of the rows' attention (its
-backward computes in float32 on those inputs; its output is not rounded). Not rounded: the prefix's
-attention products and the reduction's product, which TF32 mode would also touch on a GPU.
+every matrix product (linear layers, attention, the reduction; forward and backward) fed inputs rounded to
+a shorter mantissa, in float32 arithmetic, against the plain float32 engine at the same rule (so the
+quadrature error cancels):
 
     tf32-rn      inputs rounded to nearest (ties away from zero) at 10 mantissa bits (TF32, rounding)
     tf32-trunc   inputs truncated to 10 mantissa bits (TF32, truncating conversion)
-    bf16-stream  inputs and outputs rounded to nearest at 7 bits (bf16 products; residual stream, LayerNorm
-                 and softmax stay float32)
+
+what `torch.set_float32_matmul_precision("high")` does to an engine call on a GPU, up to the conversion the
+tensor cores use and the order of the sums.
 
     python bench/precision_emulation.py --examples 3
 
-The engine's own bf16 rows (`dtype=torch.bfloat16`, everything above the target in bf16) are the reference
-point; they run slowly on a CPU, so only with --with-bf16-rows. Writes bench/results/<device>-precision_emulation.json.
-Emulation, not the GPU's arithmetic: products accumulate in float32 here as on tensor cores, but the order
-of the sums differs.
+The engine's own bf16 rows (`dtype=torch.bfloat16`, everything above the target in bf16; real arithmetic,
+not emulated) are the point of comparison; they run slowly on a CPU, so only with --with-bf16-rows. Writes
+bench/results/<device>-precision_emulation.json.
 """
 
 from __future__ import annotations
@@ -40,7 +38,7 @@ import common  # noqa: E402
 
 from attattr_fast import AttentionAttribution, adapters, engine  # noqa: E402
 
-MODES = {"tf32-rn": (13, True, False), "tf32-trunc": (13, False, False), "bf16-stream": (16, True, True)}
+MODES = {"tf32-rn": (13, True, False), "tf32-trunc": (13, False, False)}  # (dropped bits, nearest, round outputs)
 
 
 def rounded(x: torch.Tensor, dropped_bits: int, nearest: bool) -> torch.Tensor:
@@ -51,44 +49,58 @@ def rounded(x: torch.Tensor, dropped_bits: int, nearest: bool) -> torch.Tensor:
     return (bits & ~((1 << dropped_bits) - 1)).view(torch.float32)
 
 
-def emulated_functions(dropped_bits: int, nearest: bool, round_outputs: bool):
-    """Stand-ins for torch.nn.functional in adapters and engine: linear and attention on rounded inputs."""
+_MATMUL = torch.matmul  # the real one, kept before `emulating` replaces it
 
-    def r(t):
-        return rounded(t, dropped_bits, nearest)
 
-    class Linear(torch.autograd.Function):
+def emulated_product(dropped_bits: int, nearest: bool, round_outputs: bool):
+    """A matrix product (autograd Function) on rounded inputs, its outputs rounded too if asked, and the same
+    for the two products of its backward."""
+
+    def product(a, b):
+        out = _MATMUL(rounded(a, dropped_bits, nearest), rounded(b, dropped_bits, nearest))
+        return rounded(out, dropped_bits, nearest) if round_outputs else out
+
+    class Product(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, x, w, b):
-            ctx.save_for_backward(w)
-            out = F.linear(r(x), r(w))
-            out = r(out) if round_outputs else out
-            return out if b is None else out + b
+        def forward(ctx, a, b):
+            ctx.save_for_backward(a, b)
+            return product(a, b)
 
         @staticmethod
         def backward(ctx, grad):
-            (w,) = ctx.saved_tensors
-            grad_x = r(grad) @ r(w)
-            return (r(grad_x) if round_outputs else grad_x), None, None
+            a, b = ctx.saved_tensors
+            grad_a = product(grad, b.transpose(-1, -2)).sum_to_size(a.shape) if ctx.needs_input_grad[0] else None
+            grad_b = product(a.transpose(-1, -2), grad).sum_to_size(b.shape) if ctx.needs_input_grad[1] else None
+            return grad_a, grad_b
 
-    def straight_through(t):  # rounded value, identity gradient (the attention's own backward is float32)
-        return t + (r(t) - t.detach())
-
-    def attention(q, k, v, attn_mask=None, scale=None):
-        return F.scaled_dot_product_attention(straight_through(q), straight_through(k), straight_through(v),
-                                              attn_mask=attn_mask, scale=scale)
-
-    linear = types.SimpleNamespace(linear=lambda x, w, b=None: Linear.apply(x, w, b), layer_norm=F.layer_norm)
-    return linear, types.SimpleNamespace(scaled_dot_product_attention=attention)
+    return Product.apply
 
 
 @contextlib.contextmanager
 def emulating(mode: str):
-    adapters.F, engine.F = emulated_functions(*MODES[mode])
+    """Every matrix product of an engine call emulated: the adapter's linear layers, the attention (the rows'
+    as explicit products and softmax instead of the fused kernel; the prefix's), and the reduction's."""
+    matmul = emulated_product(*MODES[mode])
+
+    def linear(x, w, b=None):
+        out = matmul(x, w.t())
+        return out if b is None else out + b
+
+    def attention(q, k, v, attn_mask=None, scale=None):
+        scores = matmul(q, k.transpose(-1, -2)) * scale
+        if attn_mask is not None:
+            scores = scores + attn_mask
+        return matmul(torch.softmax(scores, dim=-1), v)
+
+    matmul_operator = torch.Tensor.__matmul__
+    adapters.F = types.SimpleNamespace(linear=linear, layer_norm=F.layer_norm)
+    engine.F = types.SimpleNamespace(scaled_dot_product_attention=attention)
+    torch.matmul, torch.Tensor.__matmul__ = matmul, lambda a, b: matmul(a, b)
     try:
         yield
     finally:
         adapters.F, engine.F = F, F
+        torch.matmul, torch.Tensor.__matmul__ = _MATMUL, matmul_operator
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,10 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         results["bf16-rows"] = common.relative_error(run(torch.bfloat16).attributions, reference)
         print(f"  {'bf16-rows':12s} {results['bf16-rows']:.2e}  (the engine's dtype=torch.bfloat16, not emulated)")
     payload = {"benchmark": "precision_emulation", "environment": env, "lengths": lengths,
-               "rule": "gausslegendre 2", "rel_error_vs_float32": results, "modes": {
+               "rule": "gausslegendre 2", "rounded": "every matrix product, forward and backward",
+               "rel_error_vs_float32": results, "modes": {
                    "tf32-rn": "product inputs rounded to nearest, 10 mantissa bits",
                    "tf32-trunc": "product inputs truncated, 10 mantissa bits",
-                   "bf16-stream": "product inputs and outputs rounded to nearest, 7 bits; float32 stream",
                    "bf16-rows": "the engine's bf16 rows (real bf16 arithmetic on the CPU)"}}
     path = common.write_json(payload, "precision_emulation", device, args.out)
     print(f"wrote {path}")
