@@ -141,8 +141,8 @@ class AttentionAttribution:
         out = _Collector(batch, len(layers), adapter.n_heads, length, output == "full", result_device)
         for begin, end, rows_per_chunk in groups:
             idx_host = order[begin:end]
-            n = int(lengths_host[idx_host].max())  # each group runs at its own longest real length
-            padded = int(lengths_host[idx_host].min()) < n
+            group_lengths = lengths_host[idx_host]
+            n = int(group_lengths.max())  # each group runs at its own longest real length
             idx = idx_host.to(device, non_blocking=True)
             try:
                 group = engine.attribute_group(
@@ -150,7 +150,7 @@ class AttentionAttribution:
                     input_ids[idx, :n], key_mask[idx, :n],
                     None if token_type_ids is None else token_type_ids[idx, :n],
                     None if target is None else target[idx],
-                    layers, alphas, quad_weights, output == "full", rows_per_chunk, reduce_layer, padded,
+                    layers, alphas, quad_weights, output == "full", rows_per_chunk, reduce_layer, group_lengths,
                     self.layer_functions,
                 )  # fmt: skip
             except engine.OUT_OF_MEMORY as exc:  # what the failing chunk held, for a caller that retries smaller

@@ -10,6 +10,10 @@ Rows of all target layers share one forward: at layer l the rows that started lo
 layer, the rows that start at l join after its attention. With a head that reads position 0 only,
 the top layer computes queries, attention, output projection and feed-forward for position 0 only.
 Parameters never require grad; the backward stops at the leaves.
+
+Rows are padded to their group's longest example. Where that padding is large (`PACK_ABOVE_PADDING`), the rows'
+hidden states hold only the real tokens (`TokenLayout`): the linear layers, LayerNorms and activations run on
+those, and each layer pads its input only for the Q/K/V product and the attention.
 """
 
 from __future__ import annotations
@@ -102,6 +106,38 @@ class Rows:
     context: Tensor  # [R, H, n, d]
     key_mask: Tensor  # [R, n] bool
     target: Tensor  # long [R]
+    layout: TokenLayout | None = None  # the real tokens, where the rows run packed
+
+
+@dataclass
+class TokenLayout:
+    """Where the real tokens of a chunk's rows lie. Packed, the rows' states are [T, 1, D]: the T real tokens in
+    row order, each as a row of one position, so the adapter's per-layer functions run on them unchanged.
+    Attention needs the padded [rows, n] layout; the rows already running are always the first ones."""
+
+    n: int  # the padded length
+    offsets: list[int]  # R + 1, on the host: real tokens in the rows before each row
+    index: Tensor  # long [T]: the padded position (row · n + i) of each real token
+
+    @classmethod
+    def of(cls, lengths: Tensor, n: int, device: torch.device) -> TokenLayout:
+        """The layout of rows with these real lengths (a host tensor [R]): no read from the device."""
+        offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+        row = torch.arange(len(lengths)).repeat_interleave(lengths)
+        position = torch.arange(int(offsets[-1])) - offsets[:-1].repeat_interleave(lengths)
+        return cls(n, offsets.tolist(), (row * n + position).to(device, non_blocking=True))
+
+    def pack(self, x: Tensor, begin: int, end: int) -> Tensor:
+        """The real tokens [T', ...] of rows begin..end from their padded states x [end − begin, n, ...]."""
+        index = self.index[self.offsets[begin] : self.offsets[end]]
+        if begin:
+            index = index - begin * self.n
+        return x.reshape(-1, *x.shape[2:]).index_select(0, index)
+
+    def pad(self, x: Tensor, rows: int) -> Tensor:
+        """The first `rows` rows' padded states [rows, n, D] (zero at padding) from their packed x [T', 1, D]."""
+        flat = x.new_zeros(rows * self.n, x.shape[-1])
+        return flat.index_copy(0, self.index[: self.offsets[rows]], x.flatten(0, 1)).view(rows, self.n, -1)
 
 
 def target_probability(logits: Tensor, target: Tensor) -> Tensor:
@@ -134,6 +170,20 @@ def top_layer(adapter: EncoderAdapter, lw: LayerWeights, gate: Tensor | None, x:
 def _attend(adapter, lw, gate, q, k, v, bias, residual):
     context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=adapter.scale)
     return adapter.layer_output(lw, gate, context, residual)
+
+
+def packed_full_layer(adapter: EncoderAdapter, lw: LayerWeights, gate: Tensor | None, x: Tensor,
+                      bias: Tensor | None, layout: TokenLayout, rows: int) -> Tensor:
+    """`full_layer` on the packed states x [T', 1, D] of the layout's first `rows` rows: padded for the Q/K/V
+    product and attention, packed for the rest."""
+    q, k, v = adapter.project_qkv(lw, layout.pad(x, rows))
+    context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=adapter.scale)
+    return adapter.layer_output(lw, gate, _pack_heads(layout, context, 0, rows), x)
+
+
+def _pack_heads(layout: TokenLayout, context: Tensor, begin: int, end: int) -> Tensor:
+    """[rows, H, n, d] → the real tokens as [T', H, 1, d] (what `attention_output` merges per position)."""
+    return layout.pack(context.transpose(1, 2), begin, end).unsqueeze(2)
 
 
 @dataclass(frozen=True)
@@ -220,6 +270,8 @@ def forward_rows(adapter: EncoderAdapter, weights: Weights, rows: Rows, need_gra
     hidden = None  # states of the rows already running, in row order
     leaves = []
     begin = 0
+    layout = rows.layout
+    packed = False  # whether `hidden` holds packed tokens [T, 1, D] (else [rows, n or 1, D])
     for layer in range(first, n_layers):
         lw, gate = weights.layers[layer], weights.layer_gates[layer]
         end = begin
@@ -227,8 +279,13 @@ def forward_rows(adapter: EncoderAdapter, weights: Weights, rows: Rows, need_gra
             end += 1
         is_top = top_shortcut and layer == n_layers - 1
         if hidden is not None:
-            layer_fn = functions.top if is_top else functions.full
-            hidden = layer_fn(adapter, lw, gate, hidden, None if bias is None else bias[:begin])
+            running_bias = None if bias is None else bias[:begin]
+            if packed and is_top:  # position 0 of each row from here on
+                hidden, packed = functions.top(adapter, lw, gate, layout.pad(hidden, begin), running_bias), False
+            elif packed:
+                hidden = packed_full_layer(adapter, lw, gate, hidden, running_bias, layout, begin)
+            else:
+                hidden = (functions.top if is_top else functions.full)(adapter, lw, gate, hidden, running_bias)
         if end > begin:
             alpha = rows.alpha[begin:end].to(dtype).view(-1, 1, 1, 1)
             context = rows.context[begin:end]
@@ -237,9 +294,16 @@ def forward_rows(adapter: EncoderAdapter, weights: Weights, rows: Rows, need_gra
                 context, residual = context[:, :, :1], residual[:, :1]
             leaf = (alpha * context.to(dtype)).detach().requires_grad_(need_grad)
             leaves.append((slice(begin, end), leaf))
-            new = functions.from_context(adapter, lw, gate, leaf, residual.to(dtype))
+            if layout is not None and not is_top:
+                context, packed = _pack_heads(layout, leaf, begin, end), True
+                residual = layout.pack(residual, begin, end).unsqueeze(1)
+            else:
+                context = leaf
+            new = functions.from_context(adapter, lw, gate, context, residual.to(dtype))
             hidden = new if hidden is None else torch.cat([hidden, new], dim=0)
         begin = end
+    if packed:  # a head that reads every position
+        hidden = layout.pad(hidden, len(starts))
     logits = adapter.classify(weights, hidden, rows.key_mask)
     return target_probability(logits, rows.target), leaves
 
@@ -267,8 +331,9 @@ def baseline_probability(adapter: EncoderAdapter, weights: Weights, rows: Rows) 
 
 
 def gather_rows(prefix: Prefix, examples: Tensor, start: Tensor, alpha: Tensor, target: Tensor,
-                padded: bool) -> tuple[Rows, Tensor]:
-    """Rows for (examples, start layers, alphas), sorted by start layer; also the sort order.
+                padded: bool, pack_lengths: Tensor | None = None) -> tuple[Rows, Tensor]:
+    """Rows for (examples, start layers, alphas), sorted by start layer; also the sort order. With
+    `pack_lengths` (the group's real lengths, a host tensor), the rows run packed (`TokenLayout`).
 
     examples, start (long) and alpha are [R] host tensors: the bookkeeping needs no read from the device,
     only index copies to it, so the host can queue the next chunk while the device runs this one."""
@@ -283,9 +348,11 @@ def gather_rows(prefix: Prefix, examples: Tensor, start: Tensor, alpha: Tensor, 
         hidden.append(prefix.layers[layer].hidden_in.index_select(0, block))
         context.append(prefix.layers[layer].context.index_select(0, block))
         begin += count
+    n = prefix.key_mask.shape[1]
+    layout = None if pack_lengths is None else TokenLayout.of(pack_lengths[examples], n, device)
     rows = Rows(start_layer=start.tolist(), padded=padded, alpha=alpha[order].to(device, non_blocking=True),
                 hidden_in=torch.cat(hidden), context=torch.cat(context), key_mask=prefix.key_mask[on_device],
-                target=target[on_device])
+                target=target[on_device], layout=layout)
     return rows, order
 
 
@@ -324,7 +391,9 @@ def default_rows_per_chunk(adapter: EncoderAdapter, n: int, lowest_layer: int, d
 # for [T, 768] @ [768, 768] and 4k for @ [768, 3072], ≈ 8k weighted by FLOPs per layer, ≈ 16k row-tokens
 # per chunk once the rows' staggered start layers count.
 GROUP_OVERHEAD_TOKENS = {"cpu": 285, "cuda": 16384}
-MAX_GROUP_EXAMPLES = 4096  # bounds plan_groups' search (and a group's outputs) when rows per chunk are huge
+MAX_GROUP_EXAMPLES = 4096
+# Rows run packed (`TokenLayout`) when the group's padded tokens exceed its real ones by more than this fraction.
+PACK_ABOVE_PADDING = 0.1  # bounds plan_groups' search (and a group's outputs) when rows per chunk are huge
 
 
 def plan_groups(sorted_lengths: list[int], rows_per_example: int, rows_for,
@@ -402,18 +471,24 @@ def attribute_group(
     full_output: bool,
     rows_per_chunk: int,
     reduce_layer,
-    padded: bool = True,
+    lengths: Tensor | None = None,
     functions: LayerFunctions = EAGER,
 ) -> GroupResult:
     """Attributions for a group of examples padded to a common length (padding masked).
 
     `reduce_layer(state, context_grad, key_mask, full)` → (attributions [B, H, n, n] or None,
     head_max [B, H], head_argmax [B, H, 2], layer_attr [B, n, n]) is the backend: the torch ops in
-    this module or the Triton kernel. `padded`: some example is shorter than the group (False skips the
-    mask bias; the caller knows it on the host). `functions`: what runs the rows' layers in their gradient
-    pass (eager or compiled).
+    this module or the Triton kernel. `lengths`: the examples' real lengths, a host tensor [B] (None: treated
+    as padded), so the group knows without reading the device whether it needs a mask bias and whether its rows
+    run packed. `functions`: what runs the rows' layers in their gradient pass (eager or compiled; compiled
+    rows run padded).
     """
     device = input_ids.device
+    n = input_ids.shape[1]
+    padded = lengths is None or int(lengths.min()) < n
+    pack = (lengths is not None and functions is EAGER
+            and n * len(lengths) > (1 + PACK_ABOVE_PADDING) * int(lengths.sum()))
+    pack_lengths = lengths if pack else None
     keep_qk = getattr(reduce_layer, "needs_qk", False)
     prefix = run_prefix(adapter, prefix_weights, input_ids, key_mask, token_type_ids, layers,
                         keep_probs=full_output or not keep_qk, keep_qk=keep_qk)
@@ -434,7 +509,7 @@ def attribute_group(
     for begin in range(0, len(example), rows_per_chunk):
         span = slice(begin, begin + rows_per_chunk)
         rows, order = gather_rows(prefix, example[span], start_of[layer_idx[span]], alphas[node[span]], target,
-                                  padded)
+                                  padded, pack_lengths)
         _, grad = context_gradients(adapter, row_weights, rows, functions)
         slot = (example[span] * n_layers + layer_idx[span])[order].to(device, non_blocking=True)
         weight = quad_weights[node[span]][order].to(device, non_blocking=True)
@@ -447,7 +522,8 @@ def attribute_group(
     for begin in range(0, len(base_example), rows_per_chunk):
         span = slice(begin, begin + rows_per_chunk)
         zero = torch.zeros(len(base_example[span]))
-        rows, order = gather_rows(prefix, base_example[span], start_of[base_layer[span]], zero, target, padded)
+        rows, order = gather_rows(prefix, base_example[span], start_of[base_layer[span]], zero, target, padded,
+                                  pack_lengths)
         slot = (base_example[span] * n_layers + base_layer[span])[order].to(device, non_blocking=True)
         baseline[slot] = baseline_probability(adapter, row_weights, rows)
 

@@ -7,9 +7,13 @@ rounding).
                          the batch's longest example, plan_report.sized_by_longest)
     --compare compile    the rows' layers eager against torch.compile (AttentionAttribution(compile=True));
                          the untimed warm-up call compiles, its time is recorded as warmup_seconds
+    --compare packing    rows packed to their real tokens where a group's padding exceeds
+                         engine.PACK_ABOVE_PADDING, against rows always padded
 
     python bench/engine_ab.py --compare grouping              # GPU: 256 examples; bf16 gl 2 and rr 20, float32 gl 2
     python bench/engine_ab.py --compare compile --examples 32 # CPU: float32 gl 2
+    python bench/engine_ab.py --compare packing --examples 8 --rows-per-chunk 192 --group-overhead 1e9
+                                                              # CPU: the 8 sentences in one group
 
 Writes bench/results/<device>-<compare>_ab.json.
 """
@@ -18,9 +22,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,28 +42,39 @@ import plan_report  # noqa: E402
 from attattr_fast import AttentionAttribution, engine  # noqa: E402
 
 
+@dataclass(frozen=True)
+class Arm:
+    """One side of a comparison: AttentionAttribution's keyword arguments, the grouping (engine.plan_groups
+    or its replacement) and engine.PACK_ABOVE_PADDING."""
+
+    kwargs: dict = field(default_factory=dict)
+    plan: Callable = engine.plan_groups
+    pack_above_padding: float = engine.PACK_ABOVE_PADDING
+
+
 @contextlib.contextmanager
-def planner(plan, record: list):
-    """The engine with `plan` as its grouping; `record` gets (examples, length, rows per chunk) per group."""
+def arm_settings(arm: Arm, record: list):
+    """The engine with the arm's grouping and packing; `record` gets (examples, length, rows per chunk) per
+    group."""
 
     def recording(sorted_lengths, rows_per_example, rows_for, overhead_tokens):
-        planned = plan(sorted_lengths, rows_per_example, rows_for, overhead_tokens)
+        planned = arm.plan(sorted_lengths, rows_per_example, rows_for, overhead_tokens)
         record[:] = [(end - begin, sorted_lengths[end - 1], rows) for begin, end, rows in planned]
         return planned
 
-    original = engine.plan_groups
-    engine.plan_groups = recording
+    original = engine.plan_groups, engine.PACK_ABOVE_PADDING
+    engine.plan_groups, engine.PACK_ABOVE_PADDING = recording, arm.pack_above_padding
     try:
         yield
     finally:
-        engine.plan_groups = original
+        engine.plan_groups, engine.PACK_ABOVE_PADDING = original
 
 
-# comparison → {arm: (AttentionAttribution keyword arguments, engine.plan_groups replacement)}; the first arm
-# is the new one, the second what it replaces.
+# comparison → {arm name: Arm}; the first arm is the new one, the second what it replaces.
 COMPARISONS = {
-    "grouping": {"plan_groups": ({}, engine.plan_groups), "sized_by_longest": ({}, plan_report.sized_by_longest)},
-    "compile": {"compiled": ({"compile": True}, engine.plan_groups), "eager": ({}, engine.plan_groups)},
+    "grouping": {"plan_groups": Arm(), "sized_by_longest": Arm(plan=plan_report.sized_by_longest)},
+    "compile": {"compiled": Arm(kwargs={"compile": True}), "eager": Arm()},
+    "packing": {"packed": Arm(), "padded": Arm(pack_above_padding=math.inf)},
 }
 
 
@@ -67,12 +85,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--examples", type=int, default=None, help="workload (a) examples (GPU 256, CPU 64)")
     parser.add_argument("--cases", default=None, help="comma list of dtype:method:steps")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per row (GPU 3, CPU 1)")
+    parser.add_argument("--rows-per-chunk", type=int, default=None,
+                        help="internal_batch_size (default: from the memory budget)")
+    parser.add_argument("--group-overhead", type=float, default=None,
+                        help="engine.GROUP_OVERHEAD_TOKENS for this device (e.g. the GPU's on the CPU, 1e9: one group "
+                             "per chunk)")
+    parser.add_argument("--pack-above-padding", type=float, default=None,
+                        help="engine.PACK_ABOVE_PADDING of the packed arm (--compare packing; default the engine's)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     device = common.pick_device(args.device)
     gpu = device.type == "cuda"
     common.set_threads(args.threads, device)
+    if args.group_overhead is not None:
+        engine.GROUP_OVERHEAD_TOKENS[device.type] = args.group_overhead
     count = args.examples or (256 if gpu else 64)
     repeats = args.repeats or (3 if gpu else 1)
     default = "bf16:gausslegendre:2,bf16:riemann_right:20,float32:gausslegendre:2" if gpu else "float32:gausslegendre:2"
@@ -83,11 +110,15 @@ def main(argv: list[str] | None = None) -> int:
     model = common.random_bert(**bench_compare.SHAPES["bert-base"], seed=0, device=device)
     lengths, _ = bench_compare.workload_lengths("a", count, seed=ord("a"))
     ids, mask, types = (t.to(device) for t in common.random_batch(lengths, model.config.vocab_size, seed=ord("a")))
-    arms = COMPARISONS[args.compare]
-    attributors = {arm: AttentionAttribution(model, **kwargs) for arm, (kwargs, _) in arms.items()}
+    arms = dict(COMPARISONS[args.compare])
+    if args.compare == "packing" and args.pack_above_padding is not None:
+        arms["packed"] = Arm(pack_above_padding=args.pack_above_padding)
+    attributors = {name: AttentionAttribution(model, **arm.kwargs) for name, arm in arms.items()}
     rows = []
     payload = {"benchmark": name, "environment": env, "examples": count, "mean_length": float(np.mean(lengths)),
-               "repeats": repeats, "group_overhead_tokens": engine.GROUP_OVERHEAD_TOKENS, "rows": rows}
+               "repeats": repeats, "group_overhead_tokens": engine.GROUP_OVERHEAD_TOKENS,
+               "rows_per_chunk": args.rows_per_chunk,
+               "pack_above_padding": {name: arm.pack_above_padding for name, arm in arms.items()}, "rows": rows}
     for case in cases:
         dtype_name, method, steps = case.split(":")
         if dtype_name == "bf16" and not gpu:
@@ -95,12 +126,12 @@ def main(argv: list[str] | None = None) -> int:
             continue
         dtype = None if dtype_name == "float32" else bench_compare.DTYPES[dtype_name]
         results = {}
-        for arm, (_, plan) in arms.items():
+        for arm, settings in arms.items():
             groups, warmup = [], []
 
             def call(aa=attributors[arm], dtype=dtype, method=method, steps=int(steps)):
                 return aa.attribute(ids, mask, types, method=method, n_steps=steps, dtype=dtype, backend="torch",
-                                    output="reduced", result_device=device)
+                                    output="reduced", internal_batch_size=args.rows_per_chunk, result_device=device)
 
             def timed_warmup(call=call, warmup=warmup):
                 start = time.perf_counter()
@@ -108,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                 common.synchronize(device)
                 warmup.append(time.perf_counter() - start)
 
-            with planner(plan, groups):
+            with arm_settings(settings, groups):
                 timing = common.measure(call, device, repeats=repeats, warmup=1, warmup_fn=timed_warmup)
             results[arm] = timing.result.layer_attr.float().cpu()
             padded = sum(b * n for b, n, _ in groups)

@@ -1,22 +1,24 @@
 #!/usr/bin/env bash
 # One prepared run for a lent H100/H200 (the device tool's image has torch, triton, transformers, pytest,
-# pytest-benchmark; no internet). In order, each step bounded so the whole run ends within $BUDGET seconds
-# (default 560, inside the device tool's 10-minute call):
-#   1. put this checkout on PYTHONPATH (no install: pip's build step would need the internet)
-#   2. triton_compile_probe.py with an empty Triton cache (first vs second launch per specialisation)
-#   3. the GPU-marked tests (kernel vs torch ops, int64 offsets, engine triton vs torch)
-#   4. engine_ab.py --compare compile: the rows' layers eager against torch.compile (bf16 gl 2 and rr 20,
-#      256 sentences; the warm-up call's time includes compiling)
-#   5. profile_engine.py (the device's matmul ceilings; where the engine's GPU time goes), $PROFILE_ARGS
-#   6. profile_engine.py --group-overhead: what one more group costs (engine.GROUP_OVERHEAD_TOKENS["cuda"])
-#   7. engine_ab.py --compare grouping: plan_groups against the grouping it replaced (bf16 gl 2 and rr 20,
-#      float32 gl 2; 256 sentences)
-#   8. bench_compare.py on $WORKLOADS (default a), $COMPARE_ARGS passed on, at most $COMPARE_LIMIT s each
-#   9. bench_kernel.py at n = 128, 512, 2048, float32 and bf16, launch configurations $KERNEL_CONFIGS
-#      (default: launch_config's, and tiles 32 and 64 at 8 warps, where ptxas reports fewer or no spills)
-# STEPS (default "probe tests compile profile overhead grouping compare kernel") picks steps; every step's log
-# goes to $OUT too, with the result JSONs this run wrote (not older ones).
-# Results land in bench/results/ (commit them) and are copied to $OUT when it is set (the device tool).
+# pytest-benchmark; no internet). First the checkout goes on PYTHONPATH (no install: pip's build step would need
+# the internet); then the steps named in $STEPS, in that order, each bounded so the whole run ends within
+# $BUDGET seconds (default 560, inside the device tool's 10-minute call):
+#   tests     the GPU-marked tests (kernel vs torch ops, int64 offsets, engine triton vs torch)
+#   profile   profile_engine.py (the device's matmul ceilings; where the engine's GPU time goes), $PROFILE_ARGS
+#   packing   engine_ab.py --compare packing: rows packed to their real tokens against rows padded (bf16 gl 2
+#             and rr 20, 256 sentences; packing every padded group, so both groupings' padding is measured)
+#   compile   engine_ab.py --compare compile: the rows' layers eager against torch.compile (bf16 gl 2 and
+#             rr 20, 256 sentences; the warm-up call's time includes compiling)
+#   compare   bench_compare.py on $WORKLOADS (default a), $COMPARE_ARGS passed on, at most $COMPARE_LIMIT s each
+#   overhead  profile_engine.py --group-overhead: what one more group costs (engine.GROUP_OVERHEAD_TOKENS)
+#   grouping  engine_ab.py --compare grouping: plan_groups against the grouping it replaced (bf16 gl 2 and
+#             rr 20, float32 gl 2; 256 sentences)
+#   probe     triton_compile_probe.py with an empty Triton cache (first vs second launch per specialisation)
+#   kernel    bench_kernel.py at n = 128, 512, 2048, float32 and bf16, launch configurations $KERNEL_CONFIGS
+#             (default: launch_config's, and tiles 32 and 64 at 8 warps, where ptxas reports fewer or no spills)
+# STEPS defaults to all of them in the order above. Every step's log goes to $OUT too, with the result JSONs this
+# run wrote (not older ones). Results land in bench/results/ (commit them) and are copied to $OUT when it is set
+# (the device tool).
 #
 #     bash bench/gpu_session.sh            # on the device: run(command="bash bench/gpu_session.sh", timeout_s=600)
 #
@@ -27,7 +29,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 python=${PYTHON:-python3}
 results=bench/results
 budget=${BUDGET:-560}
-steps=${STEPS:-probe tests compile profile overhead grouping compare kernel}
+steps=${STEPS:-tests profile packing compile compare overhead grouping probe kernel}
 out=${OUT:-/tmp/gpu_session}; mkdir -p "$out"
 log() { echo "== $(date +%H:%M:%S) [${SECONDS}s] $*"; }
 # step LIMIT CMD...: run CMD for at most LIMIT seconds and never past the budget; skip it when < 30 s are left
@@ -38,7 +40,6 @@ step() {
 }
 marker=$(mktemp); touch "$marker"  # result files newer than this are this run's
 copy_out() { find "$results" -maxdepth 1 -name 'h[0-9]*.json' -newer "$marker" -exec cp {} "$out"/ \; ; true; }
-want() { [[ " $steps " == *" $1 "* ]]; }
 
 log "install"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -50,46 +51,42 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 $python -c "import attattr_fast.kernels.attribution_reduce" || log "the kernel does not import: Triton steps will fail"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 
-if want probe; then
-    log "Triton compile probe (empty cache)"
-    TRITON_CACHE_DIR=$(mktemp -d) step 120 $python bench/triton_compile_probe.py 2>&1 | tee "$out/probe.log"
+for name in $steps; do
+    case $name in
+    tests)
+        log "GPU tests"
+        step 50 $python -m pytest -q -m gpu tests/ 2>&1 | tee "$out/tests.log" | tail -15 ;;
+    profile)
+        log "profile"
+        step ${PROFILE_LIMIT:-120} $python bench/profile_engine.py ${PROFILE_ARGS---examples 128} 2>&1 | tee "$out/profile.log" | tail -60 ;;
+    packing)
+        log "packed rows before/after"
+        step 90 $python bench/engine_ab.py --compare packing --cases bf16:gausslegendre:2,bf16:riemann_right:20 \
+            --pack-above-padding 0 --repeats 2 2>&1 | tee "$out/packing.log" ;;
+    compile)
+        log "torch.compile before/after"
+        step 180 $python bench/engine_ab.py --compare compile --cases bf16:gausslegendre:2,bf16:riemann_right:20 \
+            --repeats 2 2>&1 | tee "$out/compile.log" ;;
+    compare)
+        for workload in ${WORKLOADS:-a}; do
+            log "bench_compare workload $workload"
+            step ${COMPARE_LIMIT:-240} $python bench/bench_compare.py --workloads "$workload" ${COMPARE_ARGS:-} 2>&1 | tee "$out/compare-$workload.log"
+        done ;;
+    overhead)
+        log "group overhead"
+        step 60 $python bench/profile_engine.py --group-overhead 2>&1 | tee "$out/overhead.log" | tail -12 ;;
+    grouping)
+        log "grouping before/after"
+        step 90 $python bench/engine_ab.py --compare grouping 2>&1 | tee "$out/grouping.log" ;;
+    probe)
+        log "Triton compile probe (empty cache)"
+        TRITON_CACHE_DIR=$(mktemp -d) step 120 $python bench/triton_compile_probe.py 2>&1 | tee "$out/probe.log" ;;
+    kernel)
+        log "kernel benchmark"
+        step 90 $python bench/bench_kernel.py --configs ${KERNEL_CONFIGS:-default 32:8 64:8} 2>&1 | tee "$out/kernel.log" | tail -40 ;;
+    *)
+        log "unknown step: $name" ;;
+    esac
     copy_out
-fi
-if want tests; then
-    log "GPU tests"
-    step 50 $python -m pytest -q -m gpu tests/ 2>&1 | tee "$out/tests.log" | tail -15
-fi
-if want compile; then
-    log "torch.compile before/after"
-    step 180 $python bench/engine_ab.py --compare compile --cases bf16:gausslegendre:2,bf16:riemann_right:20 \
-        --repeats 2 2>&1 | tee "$out/compile.log"
-    copy_out
-fi
-if want profile; then
-    log "profile"
-    step ${PROFILE_LIMIT:-120} $python bench/profile_engine.py ${PROFILE_ARGS---examples 128} 2>&1 | tee "$out/profile.log" | tail -60
-    copy_out
-fi
-if want overhead; then
-    log "group overhead"
-    step 60 $python bench/profile_engine.py --group-overhead 2>&1 | tee "$out/overhead.log" | tail -12
-    copy_out
-fi
-if want grouping; then
-    log "grouping before/after"
-    step 90 $python bench/engine_ab.py --compare grouping 2>&1 | tee "$out/grouping.log"
-    copy_out
-fi
-if want compare; then
-    for workload in ${WORKLOADS:-a}; do
-        log "bench_compare workload $workload"
-        step ${COMPARE_LIMIT:-240} $python bench/bench_compare.py --workloads "$workload" ${COMPARE_ARGS:-} 2>&1 | tee "$out/compare-$workload.log"
-        copy_out
-    done
-fi
-if want kernel; then
-    log "kernel benchmark"
-    step 90 $python bench/bench_kernel.py --configs ${KERNEL_CONFIGS:-default 32:8 64:8} 2>&1 | tee "$out/kernel.log" | tail -40
-    copy_out
-fi
+done
 log "done"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from attattr_fast import AttAttrError, AttentionAttribution, reference
+from attattr_fast import AttAttrError, AttentionAttribution, engine, reference
 from attattr_fast.quadrature import METHODS
 
 from conftest import FAMILIES, padded_batch, tiny_classifier
@@ -130,6 +130,80 @@ def test_compiled_layers_equal_the_reference_and_serve_every_layer():
     # per function: bias or none, one row or more, the join at full length or position 0 only; never per
     # layer or per shape (14 on torch 2.13, 5 of them for the second model; per layer and shape, dozens)
     assert 4 <= counters["stats"]["unique_graphs"] <= 18, dict(counters["stats"])
+
+
+@pytest.fixture
+def one_group_packed(monkeypatch):
+    """The batch in one group (no split is worth its overhead), its rows packed; counts the packed layers."""
+    monkeypatch.setitem(engine.GROUP_OVERHEAD_TOKENS, "cpu", 10**9)
+    monkeypatch.setattr(engine, "PACK_ABOVE_PADDING", 0.0)
+    calls = []
+    real = engine.packed_full_layer
+
+    def counted(*args):
+        calls.append(args[3].shape)
+        return real(*args)
+
+    monkeypatch.setattr(engine, "packed_full_layer", counted)
+    return calls
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_rows_equal_the_reference(family, one_group_packed, monkeypatch):
+    """Rows packed to their real tokens (a long and a one-token example among others, a sentence pair) give the
+    literal algorithm's attributions, baselines and probabilities; with head gates, the padded rows' ones."""
+    model = tiny_classifier(family, layers=4)
+    ids, mask, types = padded_batch(model, [9, 6, 1, 4, 9], pair_at=4)
+    got = AttentionAttribution(model).attribute(ids, mask, types, n_steps=3, method="gausslegendre",
+                                                backend="torch")
+    # the rows of layers 0-1 run layers 1-2 packed: 29 real tokens of 45 per (start layer, node)
+    assert one_group_packed and all(shape[0] % 29 == 0 for shape in one_group_packed), one_group_packed
+    ref = reference.attribute(model, ids, mask, types, n_steps=3, method="gausslegendre", dtype=torch.float64)
+    assert_close_per_layer(got.attributions, ref.attributions)
+    torch.testing.assert_close(got.baseline, ref.baseline.float(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(got.prob, ref.prob.float(), atol=1e-6, rtol=0)
+
+    gates = torch.rand(4, 4, generator=torch.Generator().manual_seed(1)) + 0.5
+    runs = []
+    for pack_above in (0.0, float("inf")):
+        monkeypatch.setattr(engine, "PACK_ABOVE_PADDING", pack_above)
+        aa = AttentionAttribution(model)
+        aa.adapter.head_gates.copy_(gates)
+        runs.append(aa.attribute(ids, mask, types, n_steps=3, method="gausslegendre", backend="torch"))
+    assert_close_per_layer(runs[0].attributions, runs[1].attributions)
+    assert not torch.allclose(runs[0].attributions, got.attributions)  # the gates changed the scores
+
+
+def test_packed_rows_under_a_head_that_reads_every_position(builtin, one_group_packed):
+    """The built-in model's head mean-pools every token, so packed rows are padded again before it."""
+    model, tokenizer = builtin
+    texts = ["A wonderful, moving film with a clumsy ending.", "Dull.", "Not even for free would I watch it again."]
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    args = (enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
+    got = AttentionAttribution(model).attribute(*args, n_steps=2, method="gausslegendre", backend="torch")
+    assert one_group_packed
+    ref = reference.attribute(model, *args, n_steps=2, method="gausslegendre", dtype=torch.float64)
+    assert_close_per_layer(got.attributions, ref.attributions)
+    torch.testing.assert_close(got.baseline, ref.baseline.float(), atol=1e-6, rtol=0)
+
+
+def test_rows_pack_only_where_padding_exceeds_the_threshold(monkeypatch):
+    """Packing is chosen per group from its real lengths: above PACK_ABOVE_PADDING, eager rows only."""
+    monkeypatch.setitem(engine.GROUP_OVERHEAD_TOKENS, "cpu", 10**9)
+    model = tiny_classifier("bert", layers=3)
+    packed = []
+    real = engine.packed_full_layer
+    monkeypatch.setattr(engine, "packed_full_layer", lambda *args: packed.append(1) or real(*args))
+    for lengths, expect in (([10, 10, 9], False), ([10, 10, 7], True)):  # 3% and 15% padding
+        packed.clear()
+        ids, mask, types = padded_batch(model, lengths)
+        AttentionAttribution(model).attribute(ids, mask, types, n_steps=2, backend="torch", output="reduced")
+        assert bool(packed) == expect, lengths
+    packed.clear()
+    monkeypatch.setattr(engine, "PACK_ABOVE_PADDING", 0.0)
+    AttentionAttribution(model, compile=True).attribute(ids, mask, types, n_steps=2, backend="torch",
+                                                        output="reduced")
+    assert not packed  # compiled rows run padded
 
 
 def _splits(count):
