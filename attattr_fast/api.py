@@ -63,8 +63,9 @@ class AttentionAttribution:
 
     def __init__(self, model: torch.nn.Module | EncoderAdapter, compile: bool = False):
         """`compile=True` runs the rows' layers under `torch.compile` (`engine.compiled_layer_functions`): the
-        first calls compile (tens of seconds), later ones reuse the graphs. Off by default: no measurement
-        yet shows it paying (bench/engine_ab.py --compare compile)."""
+        first calls compile (tens of seconds), later ones reuse the graphs. Compiled rows always run padded (the
+        eager engine packs rows of groups with much padding, `engine.TokenLayout`). Off by default: no
+        measurement yet shows it paying (bench/engine_ab.py --compare compile)."""
         self.adapter = adapter_for(model)
         self.layer_functions = engine.compiled_layer_functions() if compile else engine.EAGER
 
