@@ -391,9 +391,11 @@ def default_rows_per_chunk(adapter: EncoderAdapter, n: int, lowest_layer: int, d
 # for [T, 768] @ [768, 768] and 4k for @ [768, 3072], ≈ 8k weighted by FLOPs per layer, ≈ 16k row-tokens
 # per chunk once the rows' staggered start layers count.
 GROUP_OVERHEAD_TOKENS = {"cpu": 285, "cuda": 16384}
-MAX_GROUP_EXAMPLES = 4096
+MAX_GROUP_EXAMPLES = 4096  # bounds plan_groups' search (and a group's outputs) when rows per chunk are huge
 # Rows run packed (`TokenLayout`) when the group's padded tokens exceed its real ones by more than this fraction.
-PACK_ABOVE_PADDING = 0.1  # bounds plan_groups' search (and a group's outputs) when rows per chunk are huge
+# On the CPU packing paid at 12% padding and cost nothing at 2% (bench/results/cpu-packing_ab*.json); on a GPU
+# its copies weigh more against the products, and the GPU is not measured yet (bench/gpu_session.sh packing).
+PACK_ABOVE_PADDING = 0.1
 
 
 def plan_groups(sorted_lengths: list[int], rows_per_example: int, rows_for,
