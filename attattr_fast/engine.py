@@ -459,6 +459,13 @@ class GroupResult:
     attention: Tensor | None  # [B, L', H, n, n]
 
 
+def runs_packed(lengths: Tensor | None, n: int, functions: LayerFunctions = EAGER) -> bool:
+    """Whether a group of examples with these real lengths (host tensor; None: unknown), padded to n, runs its
+    rows packed: eager rows whose padding exceeds PACK_ABOVE_PADDING."""
+    return (lengths is not None and functions is EAGER
+            and n * len(lengths) > (1 + PACK_ABOVE_PADDING) * int(lengths.sum()))
+
+
 def attribute_group(
     adapter: EncoderAdapter,
     prefix_weights: Weights,
@@ -488,9 +495,7 @@ def attribute_group(
     device = input_ids.device
     n = input_ids.shape[1]
     padded = lengths is None or int(lengths.min()) < n
-    pack = (lengths is not None and functions is EAGER
-            and n * len(lengths) > (1 + PACK_ABOVE_PADDING) * int(lengths.sum()))
-    pack_lengths = lengths if pack else None
+    pack_lengths = lengths if runs_packed(lengths, n, functions) else None
     keep_qk = getattr(reduce_layer, "needs_qk", False)
     prefix = run_prefix(adapter, prefix_weights, input_ids, key_mask, token_type_ids, layers,
                         keep_probs=full_output or not keep_qk, keep_qk=keep_qk)

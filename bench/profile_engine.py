@@ -92,10 +92,12 @@ def ceilings(device) -> dict:
 
 
 class GroupLog:
-    """Records the groups `engine.attribute_group` runs: (examples, padded length, rows per chunk, real tokens)."""
+    """Records the groups `engine.attribute_group` runs: (examples, padded length, rows per chunk, real tokens), and
+    whether each ran packed."""
 
     def __init__(self):
         self.groups: list[tuple[int, int, int, torch.Tensor]] = []  # the real-token count stays on the device
+        self.packed: list[bool] = []  # whether the group's rows ran packed (engine.attribute_group's rule)
         self._real = engine.attribute_group
 
     def __enter__(self):
@@ -103,6 +105,8 @@ class GroupLog:
             call = inspect.signature(self._real).bind(*args, **kwargs).arguments
             ids, mask = call["input_ids"], call["key_mask"]
             self.groups.append((ids.shape[0], ids.shape[1], call["rows_per_chunk"], mask.sum()))
+            functions = call.get("functions", engine.EAGER)
+            self.packed.append(engine.runs_packed(call.get("lengths"), ids.shape[1], functions))
             return self._real(*args, **kwargs)
 
         engine.attribute_group = spy
@@ -114,7 +118,8 @@ class GroupLog:
     def summary(self, rows_per_example: int) -> dict:
         padded = sum(b * n for b, n, _, _ in self.groups)
         real = sum(int(t) for *_, t in self.groups)
-        return {"groups": [list(g[:3]) for g in self.groups], "padding_fraction": padded / real - 1,
+        return {"groups": [list(g[:3]) for g in self.groups], "packed": self.packed,
+                "padding_fraction": padded / real - 1,
                 "row_tokens_per_group_mean": rows_per_example * padded / len(self.groups)}
 
 
@@ -261,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{res['kernel_launches']} launches, {res['host_syncs_and_copies']} syncs/copies; matrix products "
               f"executed {res['executed_over_cost_model']:.2f}x the cost model's FLOPs")
         plan = res["plan"]
-        print(f"   {len(plan['groups'])} groups, padding {100 * plan['padding_fraction']:.0f}%, "
+        print(f"   {len(plan['groups'])} groups ({sum(plan['packed'])} packed), "
+              f"padding {100 * plan['padding_fraction']:.0f}%, "
               f"{plan['row_tokens_per_group_mean']:.0f} row-tokens per group")
         for cat, secs in res["gpu_seconds_by_category"].items():
             print(f"   {cat:30s} {secs:8.4f} s")

@@ -187,6 +187,23 @@ def test_packed_rows_under_a_head_that_reads_every_position(builtin, one_group_p
     torch.testing.assert_close(got.baseline, ref.baseline.float(), atol=1e-6, rtol=0)
 
 
+def test_token_layout_packs_and_pads_the_real_tokens():
+    """pack takes rows begin..end (any begin) to their real tokens in row order; pad puts the first rows' back,
+    zero at padding (against a per-row loop)."""
+    lengths, n = torch.tensor([3, 1, 5, 2]), 5
+    layout = engine.TokenLayout.of(lengths, n, torch.device("cpu"))
+    x = torch.randn(4, n, 2, generator=torch.Generator().manual_seed(0))
+    for begin in range(4):
+        for end in range(begin + 1, 5):
+            expected = torch.cat([x[r, : lengths[r]] for r in range(begin, end)])
+            assert torch.equal(layout.pack(x[begin:end], begin, end), expected), (begin, end)
+    for rows in range(1, 5):
+        packed = torch.cat([x[r, : lengths[r]] for r in range(rows)]).unsqueeze(1)
+        padded = layout.pad(packed, rows)
+        real = torch.arange(n) < lengths[:rows, None]
+        assert torch.equal(padded[real], x[:rows][real]) and torch.all(padded[~real] == 0)
+
+
 def test_rows_pack_only_where_padding_exceeds_the_threshold(monkeypatch):
     """Packing is chosen per group from its real lengths: above PACK_ABOVE_PADDING, eager rows only."""
     monkeypatch.setitem(engine.GROUP_OVERHEAD_TOKENS, "cpu", 10**9)
