@@ -246,12 +246,17 @@ def run_workload(kind: str, model, shape: dict, args, device, checkpoint=lambda 
                                             **fields))
                         continue
                     run_dtype = None if dtype is torch.float32 else dtype
+                    plan = common.GroupLog()  # the groups of the last timed call
+
+                    def timed_call(m=method, s=steps, d=run_dtype, b=backend, plan=plan):
+                        with plan:
+                            return engine_call(m, s, d, b)
+
                     timing = common.measure(
-                        lambda m=method, s=steps, d=run_dtype, b=backend: engine_call(m, s, d, b), device,
-                        repeats=args.repeats, warmup=1,
+                        timed_call, device, repeats=args.repeats, warmup=1,
                         warmup_fn=lambda m=method, s=steps, d=run_dtype, b=backend: engine_call(m, s, d, b, warm))
                     row = {"row": name, **fields, "length": "real", "rel_error": common.relative_error(
-                        attr_of(timing.result), reference)}
+                        attr_of(timing.result), reference), "plan": plan.summary(shape["layers"] * steps)}
                     timing.result = None
                     rows.append(finish_row(row, timing, n_all, lengths, lengths, "engine", steps, args, shape, device,
                                            dtype))
@@ -268,9 +273,11 @@ def run_workload(kind: str, model, shape: dict, args, device, checkpoint=lambda 
                     row["on_baseline_examples"] = {
                         "examples": base, "seconds": same.seconds, "ex_per_s": len(base) / same.seconds,
                         "rel_error": same_error}
+                    groups = row["plan"]
                     print(f"  {name}: {row['seconds']:.2f} s for {len(n_all)} examples, error {row['rel_error']:.2e}; "
                           f"{same.seconds:.2f} s on the baselines' {len(base)}, error "
-                          f"{row['on_baseline_examples']['rel_error']:.2e}")
+                          f"{row['on_baseline_examples']['rel_error']:.2e}; {len(groups['groups'])} groups "
+                          f"({sum(groups['packed'])} packed), padding {100 * groups['padding_fraction']:.0f}%")
                     checkpoint(summary())
     finally:
         torch.set_float32_matmul_precision(precision_before)

@@ -8,6 +8,7 @@ GPU; on the CPU the growth of the process's resident set over the call, sampled 
 from __future__ import annotations
 
 import datetime
+import inspect
 import json
 import os
 import platform
@@ -20,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from attattr_fast import engine
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -394,3 +397,40 @@ def random_batch(lengths: list[int], vocab_size: int, seed: int = 1, pair_first:
             ids[b, first - 1] = sep_id
             types[b, first:m] = 1
     return ids, mask, types
+
+
+class GroupLog:
+    """Records the groups `engine.attribute_group` runs: (examples, padded length, rows per chunk, real tokens), and
+    whether each ran packed."""
+
+    def __init__(self):
+        self.groups: list[tuple[int, int, int, torch.Tensor]] = []  # a real-token count on the device stays there
+        self.packed: list[bool] = []  # whether the group's rows ran packed (engine.attribute_group's rule)
+        self._real = engine.attribute_group
+
+    def __enter__(self):
+        """Starts a new record (a log entered once per call keeps the last call's groups)."""
+        self.groups.clear()
+        self.packed.clear()
+
+        def spy(*args, **kwargs):
+            call = inspect.signature(self._real).bind(*args, **kwargs).arguments
+            ids, lengths = call["input_ids"], call.get("lengths")
+            real = call["key_mask"].sum() if lengths is None else lengths.sum()
+            self.groups.append((ids.shape[0], ids.shape[1], call["rows_per_chunk"], real))
+            functions = call.get("functions", engine.EAGER)
+            self.packed.append(engine.runs_packed(lengths, ids.shape[1], functions))
+            return self._real(*args, **kwargs)
+
+        engine.attribute_group = spy
+        return self
+
+    def __exit__(self, *exc):
+        engine.attribute_group = self._real
+
+    def summary(self, rows_per_example: int) -> dict:
+        padded = sum(b * n for b, n, _, _ in self.groups)
+        real = sum(int(t) for *_, t in self.groups)
+        return {"groups": [list(g[:3]) for g in self.groups], "packed": self.packed,
+                "padding_fraction": padded / real - 1,
+                "row_tokens_per_group_mean": rows_per_example * padded / len(self.groups)}

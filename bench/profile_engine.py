@@ -22,7 +22,6 @@ Writes bench/results/<device>-profile_engine[-quick|-group-overhead].json.
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import sys
 import time
@@ -91,38 +90,6 @@ def ceilings(device) -> dict:
     return out
 
 
-class GroupLog:
-    """Records the groups `engine.attribute_group` runs: (examples, padded length, rows per chunk, real tokens), and
-    whether each ran packed."""
-
-    def __init__(self):
-        self.groups: list[tuple[int, int, int, torch.Tensor]] = []  # the real-token count stays on the device
-        self.packed: list[bool] = []  # whether the group's rows ran packed (engine.attribute_group's rule)
-        self._real = engine.attribute_group
-
-    def __enter__(self):
-        def spy(*args, **kwargs):
-            call = inspect.signature(self._real).bind(*args, **kwargs).arguments
-            ids, mask = call["input_ids"], call["key_mask"]
-            self.groups.append((ids.shape[0], ids.shape[1], call["rows_per_chunk"], mask.sum()))
-            functions = call.get("functions", engine.EAGER)
-            self.packed.append(engine.runs_packed(call.get("lengths"), ids.shape[1], functions))
-            return self._real(*args, **kwargs)
-
-        engine.attribute_group = spy
-        return self
-
-    def __exit__(self, *exc):
-        engine.attribute_group = self._real
-
-    def summary(self, rows_per_example: int) -> dict:
-        padded = sum(b * n for b, n, _, _ in self.groups)
-        real = sum(int(t) for *_, t in self.groups)
-        return {"groups": [list(g[:3]) for g in self.groups], "packed": self.packed,
-                "padding_fraction": padded / real - 1,
-                "row_tokens_per_group_mean": rows_per_example * padded / len(self.groups)}
-
-
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")  # the leaves torch.profiler counts FLOPs on
 
 
@@ -130,7 +97,7 @@ def profile_case(call, device, flops: float, rows_per_example: int) -> dict:
     call()  # warm-up (Triton compilation, cuBLAS handles)
     common.synchronize(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with GroupLog() as groups, profile(activities=activities, with_flops=True) as prof:
+    with common.GroupLog() as groups, profile(activities=activities, with_flops=True) as prof:
         t0 = time.perf_counter()
         call()
         common.synchronize(device)
