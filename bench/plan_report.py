@@ -1,8 +1,9 @@
 """The groups the engine plans for a workload at a given memory budget: no model run, no device needed.
 
-For each group: examples, the padded length, rows per chunk; in total the padding computed and the mean
-row-tokens (rows × padded length) per group. `--sized-by-longest` shows the grouping used up to the H200
-session of 2026-11-30 (fixed-size groups, each sized by the batch's longest example) for comparison.
+For each group: examples, the padded length, rows per chunk; in total the padding computed, the mean
+row-tokens (rows × padded length) per group, and the groups whose rows run packed (eager rows).
+`--sized-by-longest` shows the grouping used up to the H200 session of 2026-11-30 (fixed-size groups, each
+sized by the batch's longest example) for comparison.
 
     python bench/plan_report.py --budget 74.6e9                         # workload (a), 256, bf16 gl 2 and rr 20
     python bench/plan_report.py --workload c --budget 74.6e9 --sized-by-longest
@@ -66,8 +67,11 @@ def main(argv: list[str] | None = None) -> int:
                       args.device_type, args.sized_by_longest)
         padded = sum((e - b) * srt[e - 1] for b, e, _ in groups)
         row_tokens = [(e - b) * rows_per_example * srt[e - 1] for b, e, _ in groups]
+        packed = [engine.runs_packed(torch.tensor(srt[b:e]), srt[e - 1]) for b, e, _ in groups]
+        packed_share = sum(t for t, p in zip(row_tokens, packed) if p) / sum(row_tokens)
         print(f"  {method} {steps}: {len(groups)} groups, padding {padded / sum(srt) - 1:.0%}, row-tokens per group "
-              f"mean {np.mean(row_tokens):.0f}, min {min(row_tokens)}")
+              f"mean {np.mean(row_tokens):.0f}, min {min(row_tokens)}; {sum(packed)} groups packed "
+              f"({packed_share:.0%} of the row-tokens)")
         print("    (examples, padded length, rows per chunk): "
               + ", ".join(f"({e - b}, {srt[e - 1]}, {r})" for b, e, r in groups))
     return 0
