@@ -1,7 +1,7 @@
 """Before/after rows for one engine change, both arms in one process, everything else equal: the engine on
 workload (a) (BERT-base shape, random weights), per case and arm the seconds (median), examples/s, the
-groups and their padding, and the largest difference between the arms' layer sums (they must agree to
-rounding).
+groups, their padding and which ran packed, and the largest difference between the arms' layer sums (they
+must agree to rounding).
 
     --compare grouping   engine.plan_groups against the grouping it replaced (fixed-size groups sized by
                          the batch's longest example, plan_report.sized_by_longest)
@@ -53,17 +53,10 @@ class Arm:
 
 
 @contextlib.contextmanager
-def arm_settings(arm: Arm, record: list):
-    """The engine with the arm's grouping and packing; `record` gets (examples, length, rows per chunk) per
-    group."""
-
-    def recording(sorted_lengths, rows_per_example, rows_for, overhead_tokens):
-        planned = arm.plan(sorted_lengths, rows_per_example, rows_for, overhead_tokens)
-        record[:] = [(end - begin, sorted_lengths[end - 1], rows) for begin, end, rows in planned]
-        return planned
-
+def arm_settings(arm: Arm):
+    """The engine with the arm's grouping and packing."""
     original = engine.plan_groups, engine.PACK_ABOVE_PADDING
-    engine.plan_groups, engine.PACK_ABOVE_PADDING = recording, arm.pack_above_padding
+    engine.plan_groups, engine.PACK_ABOVE_PADDING = arm.plan, arm.pack_above_padding
     try:
         yield
     finally:
@@ -127,11 +120,13 @@ def main(argv: list[str] | None = None) -> int:
         dtype = None if dtype_name == "float32" else bench_compare.DTYPES[dtype_name]
         results = {}
         for arm, settings in arms.items():
-            groups, warmup = [], []
+            plan, warmup = common.GroupLog(), []  # the groups of the last call
 
-            def call(aa=attributors[arm], dtype=dtype, method=method, steps=int(steps)):
-                return aa.attribute(ids, mask, types, method=method, n_steps=steps, dtype=dtype, backend="torch",
-                                    output="reduced", internal_batch_size=args.rows_per_chunk, result_device=device)
+            def call(aa=attributors[arm], dtype=dtype, method=method, steps=int(steps), plan=plan):
+                with plan:
+                    return aa.attribute(ids, mask, types, method=method, n_steps=steps, dtype=dtype,
+                                        backend="torch", output="reduced", internal_batch_size=args.rows_per_chunk,
+                                        result_device=device)
 
             def timed_warmup(call=call, warmup=warmup):
                 start = time.perf_counter()
@@ -139,16 +134,18 @@ def main(argv: list[str] | None = None) -> int:
                 common.synchronize(device)
                 warmup.append(time.perf_counter() - start)
 
-            with arm_settings(settings, groups):
+            with arm_settings(settings):
                 timing = common.measure(call, device, repeats=repeats, warmup=1, warmup_fn=timed_warmup)
             results[arm] = timing.result.layer_attr.float().cpu()
-            padded = sum(b * n for b, n, _ in groups)
+            groups = plan.summary(bench_compare.SHAPES["bert-base"]["layers"] * int(steps))
             row = {"case": case, "arm": arm, "seconds": timing.seconds, "times": timing.times,
                    "warmup_seconds": warmup[0], "ex_per_s": count / timing.seconds, "peak_mib": timing.peak_mib,
-                   "groups": groups, "padding_fraction": padded / sum(lengths) - 1}
+                   "groups": groups["groups"], "packed": groups["packed"],
+                   "padding_fraction": groups["padding_fraction"]}
             rows.append(row)
             print(f"  {case:26s} {arm:17s} {timing.seconds:9.3f} s  {row['ex_per_s']:8.2f} ex/s  "
-                  f"(warm-up {warmup[0]:.1f} s)  {len(groups):3d} groups, padding {100 * row['padding_fraction']:.0f}%")
+                  f"(warm-up {warmup[0]:.1f} s)  {len(row['groups']):3d} groups ({sum(row['packed'])} packed), "
+                  f"padding {100 * row['padding_fraction']:.0f}%")
         new, old = list(arms)
         diff = float((results[new] - results[old]).abs().max() / results[old].abs().max())
         speedup = rows[-1]["seconds"] / rows[-2]["seconds"]
