@@ -167,8 +167,11 @@ def top_layer(adapter: EncoderAdapter, lw: LayerWeights, gate: Tensor | None, x:
     return _attend(adapter, lw, gate, adapter.project_q(lw, x), k, v, bias, x)
 
 
-def _attend(adapter, lw, gate, q, k, v, bias, residual):
+def _attend(adapter, lw, gate, q, k, v, bias, residual, layout: TokenLayout | None = None):
+    """Attention and the rest of the layer; with `layout`, the context is packed to the residual's tokens."""
     context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=adapter.scale)
+    if layout is not None:
+        context = _pack_heads(layout, context, 0, len(context))
     return adapter.layer_output(lw, gate, context, residual)
 
 
@@ -177,8 +180,7 @@ def packed_full_layer(adapter: EncoderAdapter, lw: LayerWeights, gate: Tensor | 
     """`full_layer` on the packed states x [T', 1, D] of the layout's first `rows` rows: padded for the Q/K/V
     product and attention, packed for the rest."""
     q, k, v = adapter.project_qkv(lw, layout.pad(x, rows))
-    context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=adapter.scale)
-    return adapter.layer_output(lw, gate, _pack_heads(layout, context, 0, rows), x)
+    return _attend(adapter, lw, gate, q, k, v, bias, x, layout)
 
 
 def _pack_heads(layout: TokenLayout, context: Tensor, begin: int, end: int) -> Tensor:
