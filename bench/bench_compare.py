@@ -273,11 +273,9 @@ def run_workload(kind: str, model, shape: dict, args, device, checkpoint=lambda 
                     row["on_baseline_examples"] = {
                         "examples": base, "seconds": same.seconds, "ex_per_s": len(base) / same.seconds,
                         "rel_error": same_error}
-                    groups = row["plan"]
                     print(f"  {name}: {row['seconds']:.2f} s for {len(n_all)} examples, error {row['rel_error']:.2e}; "
                           f"{same.seconds:.2f} s on the baselines' {len(base)}, error "
-                          f"{row['on_baseline_examples']['rel_error']:.2e}; {len(groups['groups'])} groups "
-                          f"({sum(groups['packed'])} packed), padding {100 * groups['padding_fraction']:.0f}%")
+                          f"{row['on_baseline_examples']['rel_error']:.2e}; {common.GroupLog.describe(row['plan'])}")
                     checkpoint(summary())
     finally:
         torch.set_float32_matmul_precision(precision_before)

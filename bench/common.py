@@ -434,3 +434,9 @@ class GroupLog:
         return {"groups": [list(g[:3]) for g in self.groups], "packed": self.packed,
                 "padding_fraction": padded / real - 1,
                 "row_tokens_per_group_mean": rows_per_example * padded / len(self.groups)}
+
+    @staticmethod
+    def describe(plan: dict) -> str:
+        """One line for a `summary`: groups, how many ran packed, padding."""
+        return (f"{len(plan['groups'])} groups ({sum(plan['packed'])} packed), "
+                f"padding {100 * plan['padding_fraction']:.0f}%")

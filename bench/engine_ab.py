@@ -144,8 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                    "padding_fraction": groups["padding_fraction"]}
             rows.append(row)
             print(f"  {case:26s} {arm:17s} {timing.seconds:9.3f} s  {row['ex_per_s']:8.2f} ex/s  "
-                  f"(warm-up {warmup[0]:.1f} s)  {len(row['groups']):3d} groups ({sum(row['packed'])} packed), "
-                  f"padding {100 * row['padding_fraction']:.0f}%")
+                  f"(warm-up {warmup[0]:.1f} s)  {common.GroupLog.describe(groups)}")
         new, old = list(arms)
         diff = float((results[new] - results[old]).abs().max() / results[old].abs().max())
         speedup = rows[-1]["seconds"] / rows[-2]["seconds"]

@@ -233,9 +233,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{res['kernel_launches']} launches, {res['host_syncs_and_copies']} syncs/copies; matrix products "
               f"executed {res['executed_over_cost_model']:.2f}x the cost model's FLOPs")
         plan = res["plan"]
-        print(f"   {len(plan['groups'])} groups ({sum(plan['packed'])} packed), "
-              f"padding {100 * plan['padding_fraction']:.0f}%, "
-              f"{plan['row_tokens_per_group_mean']:.0f} row-tokens per group")
+        print(f"   {common.GroupLog.describe(plan)}, {plan['row_tokens_per_group_mean']:.0f} row-tokens per group")
         for cat, secs in res["gpu_seconds_by_category"].items():
             print(f"   {cat:30s} {secs:8.4f} s")
         for k in res["top_kernels"][:8]:
