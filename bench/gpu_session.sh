@@ -6,7 +6,7 @@
 #   tests     the GPU-marked tests (kernel vs torch ops, int64 offsets, engine triton vs torch)
 #   profile   profile_engine.py (the device's matmul ceilings; where the engine's GPU time goes), $PROFILE_ARGS
 #   packing   engine_ab.py --compare packing: rows packed to their real tokens against rows padded (bf16 gl 2
-#             and rr 20, 256 sentences; packing every padded group, so both groupings' padding is measured)
+#             and rr 20, 256 sentences; packing every padded group, so the padding of both rules is measured)
 #   compile   engine_ab.py --compare compile: the rows' layers eager against torch.compile (bf16 gl 2 and
 #             rr 20, 256 sentences; the warm-up call's time includes compiling)
 #   compare   bench_compare.py on $WORKLOADS (default a), $COMPARE_ARGS passed on, at most $COMPARE_LIMIT s each
