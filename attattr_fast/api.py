@@ -132,8 +132,8 @@ class AttentionAttribution:
         lengths_host = lengths.cpu()  # the one read of the lengths on the host; the grouping needs them there
         order = torch.sort(lengths_host, stable=True).indices  # similar lengths share a group
         rows_per_example = len(layers) * len(alphas)
-        groups = engine.plan_batch(adapter, lengths_host[order].tolist(), rows_per_example, min(layers),
-                                   row_weights.dtype, device, internal_batch_size)
+        groups = engine.plan_batch(adapter, lengths_host[order].tolist(), layers, len(alphas), row_weights.dtype,
+                                   device, internal_batch_size)
         log.debug("%d groups: (examples, rows per chunk) %s", len(groups), [(e - b, r) for b, e, r in groups])
 
         # The batch's results gather on result_device group by group, so a large batch bound for the CPU

@@ -139,7 +139,8 @@ class ChunkPlanner:
                  dtype: torch.dtype | None = None, budget: int | None = None, batch_size: int | None = None):
         adapter = aa.adapter
         self.adapter = adapter
-        self.lowest_layer = min(layers)
+        self.layers = layers
+        self.n_nodes = n_nodes
         self.n_layers = len(layers)
         self.rows_per_example = len(layers) * n_nodes
         self.full = full
@@ -151,8 +152,8 @@ class ChunkPlanner:
         self.scale = 1.0
 
     def rows(self, n: int) -> int:
-        base = engine.default_rows_per_chunk(self.adapter, n, self.lowest_layer, self.dtype, self.adapter.device,
-                                             budget=self.budget)  # fmt: skip
+        base = engine.default_rows_per_chunk(self.adapter, n, self.layers, self.n_nodes, self.dtype,
+                                             self.adapter.device, budget=self.budget)  # fmt: skip
         return max(1, int(base * self.scale))
 
     def output_bytes(self, n: int) -> int:

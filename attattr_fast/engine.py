@@ -368,20 +368,34 @@ def memory_budget(device: torch.device) -> int:
     return 1 << 30  # beyond a GiB the CPU gains nothing from bigger batches
 
 
-def row_bytes(adapter: EncoderAdapter, n: int, lowest_layer: int, dtype: torch.dtype) -> int:
-    """Activations one row at length n keeps for its backward, from `lowest_layer` up (bytes)."""
+def row_bytes(adapter: EncoderAdapter, n: int, layers_per_row: float, dtype: torch.dtype) -> int:
+    """Peak bytes one row at length n adds to its chunk when its chunk's rows run `layers_per_row` layers on
+    average. Per layer, what autograd keeps (the weights are frozen, so no product keeps its input): Q, K, V,
+    the attention output, both LayerNorm inputs and the activation's input, n·(6D + I), and 2·H·n² for an
+    attention backend that keeps its scores or a materialised mask; once per row, one layer's gradients during
+    the backward, n·(4D + 2I), all in `dtype`; and the row's float32 input, context and context gradient, and
+    its leaf and the leaf's gradient in `dtype`. On BERT-base in float32 this is 1.4–1.5× the peak the
+    profiler's memory timeline measured on the CPU (bench/memory_model.py)."""
     item = torch.finfo(dtype).bits // 8
-    intermediate = adapter.model.config.intermediate_size
-    per_layer = n * (12 * adapter.hidden_size + 3 * intermediate) + 3 * adapter.n_heads * n * n
-    return max(1, (adapter.n_layers - lowest_layer)) * per_layer * item
+    hidden, intermediate = adapter.hidden_size, adapter.model.config.intermediate_size
+    kept_per_layer = n * (6 * hidden + intermediate) + 2 * adapter.n_heads * n * n
+    backward = n * (4 * hidden + 2 * intermediate)
+    buffers = n * hidden * (3 * 4 + 2 * item)
+    return int((layers_per_row * kept_per_layer + backward) * item + buffers)
 
 
-def default_rows_per_chunk(adapter: EncoderAdapter, n: int, lowest_layer: int, dtype: torch.dtype,
+def default_rows_per_chunk(adapter: EncoderAdapter, n: int, layers: list[int], n_nodes: int, dtype: torch.dtype,
                            device: torch.device, budget: int | None = None) -> int:
-    """Rows per chunk within a memory budget (bytes; None: `memory_budget(device)`), at most 8192."""
+    """Rows per chunk within a memory budget (bytes; None: `memory_budget(device)`), at most 8192. The row for
+    target layer l runs the L − l layers from l up, so a chunk of whole examples (every targeted layer's rows)
+    runs their mean; a chunk smaller than one example's rows may hold only the lowest layer's rows."""
     if budget is None:
         budget = memory_budget(device)
-    return int(max(1, min(8192, budget // row_bytes(adapter, n, lowest_layer, dtype))))
+    rows_per_example = len(layers) * n_nodes
+    rows = budget // row_bytes(adapter, n, sum(adapter.n_layers - layer for layer in layers) / len(layers), dtype)
+    if rows < rows_per_example:
+        rows = budget // row_bytes(adapter, n, adapter.n_layers - min(layers), dtype)
+    return int(max(1, min(8192, rows)))
 
 
 # What one more group costs beyond its rows, in row-tokens (rows × padded length) of work: launches, the
@@ -430,20 +444,21 @@ def plan_groups(sorted_lengths: list[int], rows_per_example: int, rows_for,
     return groups[::-1]
 
 
-def plan_batch(adapter: EncoderAdapter, sorted_lengths: list[int], rows_per_example: int, lowest_layer: int,
+def plan_batch(adapter: EncoderAdapter, sorted_lengths: list[int], layers: list[int], n_nodes: int,
                dtype: torch.dtype, device: torch.device, internal_batch_size: int | None = None,
                budget: int | None = None, planner=None) -> list[tuple[int, int, int]]:
-    """The groups `AttentionAttribution.attribute` runs for examples of these lengths (ascending). Rows per
-    chunk: `internal_batch_size`, else what the memory budget (None: `memory_budget(device)`) holds at each
-    group's length; the split: `planner` (None: `plan_groups`) with the device's per-group overhead."""
+    """The groups `AttentionAttribution.attribute` runs for examples of these lengths (ascending), each with
+    a row per (targeted layer, node). Rows per chunk: `internal_batch_size`, else what the memory budget
+    (None: `memory_budget(device)`) holds at each group's length; the split: `planner` (None: `plan_groups`)
+    with the device's per-group overhead."""
     if internal_batch_size is None and budget is None:
         budget = memory_budget(device)
 
     def rows_for(n: int) -> int:
-        return internal_batch_size or default_rows_per_chunk(adapter, n, lowest_layer, dtype, device, budget)
+        return internal_batch_size or default_rows_per_chunk(adapter, n, layers, n_nodes, dtype, device, budget)
 
     overhead = GROUP_OVERHEAD_TOKENS.get(device.type, GROUP_OVERHEAD_TOKENS["cuda"])
-    return (planner or plan_groups)(sorted_lengths, rows_per_example, rows_for, overhead)
+    return (planner or plan_groups)(sorted_lengths, len(layers) * n_nodes, rows_for, overhead)
 
 
 @dataclass

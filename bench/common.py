@@ -268,6 +268,28 @@ def measure(fn: Callable[[], object], device: torch.device, repeats: int = 3, wa
     return Timing(statistics.median(times), times, peak, kind, result)
 
 
+def tensor_peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """The peak of tensor memory torch held during fn() above what it held before: CUDA,
+    `max_memory_allocated`; CPU, the profiler's memory timeline (every tensor torch created and had not yet
+    freed; slow: for a few rows, not for timing)."""
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        fn()
+    live = peak = 0
+    for _, action, _, size in prof._memory_profile().timeline:  # private, the source of export_memory_timeline
+        live += {"CREATE": size, "DESTROY": -size}.get(action.name, 0)
+        peak = max(peak, live)
+    return peak
+
+
 # -- the cost model of DESIGN §2 ----------------------------------------------------------------
 def layer_flops(n: int, hidden: int, intermediate: int) -> float:
     """Forward FLOPs of one encoder layer at length n: Q, K, V and output projections, QKᵀ and AV,

@@ -9,6 +9,8 @@ must agree to rounding).
                          the untimed warm-up call compiles, its time is recorded as warmup_seconds
     --compare packing    rows packed to their real tokens where a group's padding exceeds
                          engine.PACK_ABOVE_PADDING, against rows always padded
+    --compare memory     chunks sized by engine.row_bytes against the memory model it replaced
+                         (`row_bytes_before`: every row charged all layers and 12D + 3I + 3H·n per token)
 
     python bench/engine_ab.py --compare grouping              # GPU: 256 examples; bf16 gl 2 and rr 20, float32 gl 2
     python bench/engine_ab.py --compare compile --examples 32 # CPU: float32 gl 2
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -50,17 +53,28 @@ class Arm:
     kwargs: dict = field(default_factory=dict)
     plan: Callable = engine.plan_groups
     pack_above_padding: float = engine.PACK_ABOVE_PADDING
+    row_bytes: Callable = engine.row_bytes
+
+
+def row_bytes_before(adapter, n: int, layers_per_row: float, dtype) -> int:
+    """The memory model up to commit 477bee3 (same signature as engine.row_bytes): every row charged with all the
+    layers from the lowest targeted one (here all of them, as in every case of this script), n·(12D + 3I) + 3·H·n²
+    per layer."""
+    item = torch.finfo(dtype).bits // 8
+    hidden, intermediate = adapter.hidden_size, adapter.model.config.intermediate_size
+    per_layer = n * (12 * hidden + 3 * intermediate) + 3 * adapter.n_heads * n * n
+    return adapter.n_layers * per_layer * item
 
 
 @contextlib.contextmanager
 def arm_settings(arm: Arm):
-    """The engine with the arm's grouping and packing."""
-    original = engine.plan_groups, engine.PACK_ABOVE_PADDING
-    engine.plan_groups, engine.PACK_ABOVE_PADDING = arm.plan, arm.pack_above_padding
+    """The engine with the arm's grouping, packing and memory model."""
+    original = engine.plan_groups, engine.PACK_ABOVE_PADDING, engine.row_bytes
+    engine.plan_groups, engine.PACK_ABOVE_PADDING, engine.row_bytes = arm.plan, arm.pack_above_padding, arm.row_bytes
     try:
         yield
     finally:
-        engine.plan_groups, engine.PACK_ABOVE_PADDING = original
+        engine.plan_groups, engine.PACK_ABOVE_PADDING, engine.row_bytes = original
 
 
 # comparison → {arm name: Arm}; the first arm is the new one, the second what it replaces.
@@ -68,6 +82,7 @@ COMPARISONS = {
     "grouping": {"plan_groups": Arm(), "sized_by_longest": Arm(plan=plan_report.sized_by_longest)},
     "compile": {"compiled": Arm(kwargs={"compile": True}), "eager": Arm()},
     "packing": {"packed": Arm(), "padded": Arm(pack_above_padding=math.inf)},
+    "memory": {"row_bytes": Arm(), "row_bytes_before": Arm(row_bytes=row_bytes_before)},
 }
 
 

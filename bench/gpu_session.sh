@@ -4,6 +4,7 @@
 # the internet); then the steps named in $STEPS, in that order, each bounded so the whole run ends within
 # $BUDGET seconds (default 560, inside the device tool's 10-minute call):
 #   tests     the GPU-marked tests (kernel vs torch ops, int64 offsets, engine triton vs torch)
+#   memory    memory_model.py: engine.row_bytes (the planner's memory model) against the measured peak per row
 #   profile   profile_engine.py (the device's matmul ceilings; where the engine's GPU time goes), $PROFILE_ARGS
 #   packing   engine_ab.py --compare packing: rows packed to their real tokens against rows padded (bf16 gl 2
 #             and rr 20, 256 sentences; packing every padded group, so the padding of both rules is measured)
@@ -29,7 +30,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 python=${PYTHON:-python3}
 results=bench/results
 budget=${BUDGET:-560}
-steps=${STEPS:-tests profile packing compile compare overhead grouping probe kernel}
+steps=${STEPS:-tests memory profile packing compile compare overhead grouping probe kernel}
 out=${OUT:-/tmp/gpu_session}; mkdir -p "$out"
 log() { echo "== $(date +%H:%M:%S) [${SECONDS}s] $*"; }
 # step LIMIT CMD...: run CMD for at most LIMIT seconds and never past the budget; skip it when < 30 s are left
@@ -56,6 +57,9 @@ for name in $steps; do
     tests)
         log "GPU tests"
         step 50 $python -m pytest -q -m gpu tests/ 2>&1 | tee "$out/tests.log" | tail -15 ;;
+    memory)
+        log "memory model"
+        step 60 $python bench/memory_model.py 2>&1 | tee "$out/memory.log" | tail -10 ;;
     profile)
         log "profile"
         step ${PROFILE_LIMIT:-120} $python bench/profile_engine.py ${PROFILE_ARGS---examples 128} 2>&1 | tee "$out/profile.log" | tail -60 ;;

@@ -36,11 +36,11 @@ def sized_by_longest(sorted_lengths: list[int], rows_per_example: int, rows_for,
     return [(b, min(b + per, len(sorted_lengths)), rows) for b in range(0, len(sorted_lengths), per)]
 
 
-def plan(adapter, lengths: list[int], rows_per_example: int, dtype, budget: int, device_type: str,
+def plan(adapter, lengths: list[int], n_nodes: int, dtype, budget: int, device_type: str,
          old: bool) -> list[tuple[int, int, int]]:
     """The groups of `lengths` at `budget`, all layers targeted (old: `sized_by_longest`, else `plan_groups`)."""
-    return engine.plan_batch(adapter, sorted(lengths), rows_per_example, 0, dtype, torch.device(device_type),
-                             budget=budget, planner=sized_by_longest if old else None)
+    return engine.plan_batch(adapter, sorted(lengths), list(range(adapter.n_layers)), n_nodes, dtype,
+                             torch.device(device_type), budget=budget, planner=sized_by_longest if old else None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     for case in args.cases.split(","):
         method, steps = case.split(":")
         rows_per_example = adapter.n_layers * int(steps)
-        groups = plan(adapter, lengths, rows_per_example, bench_compare.DTYPES[args.dtype], int(args.budget),
+        groups = plan(adapter, lengths, int(steps), bench_compare.DTYPES[args.dtype], int(args.budget),
                       args.device_type, args.sized_by_longest)
         padded = sum((e - b) * srt[e - 1] for b, e, _ in groups)
         row_tokens = [(e - b) * rows_per_example * srt[e - 1] for b, e, _ in groups]

@@ -450,7 +450,8 @@ def test_calls_are_sized_from_the_memory_budget(tmp_path, reference, prepared, m
     budget = 3 << 20
     planner = ChunkPlanner(aa, [0, 1, 2], 3, full=True, budget=budget)
     for n in (5, 20, 60):
-        rows = engine.default_rows_per_chunk(aa.adapter, n, 0, torch.float32, aa.adapter.device, budget=budget)
+        rows = engine.default_rows_per_chunk(aa.adapter, n, [0, 1, 2], 3, torch.float32, aa.adapter.device,
+                                             budget=budget)
         assert planner.rows(n) == rows and planner.examples(n) == max(1, rows // 9)
     assert planner.examples(5) >= planner.examples(60)
     real, seen = aa.attribute, []

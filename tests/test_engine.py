@@ -269,6 +269,24 @@ def test_plan_groups_trades_padding_against_group_count():
     assert plan_groups([7], 500, lambda n: 3, 0) == [(0, 1, 3)]  # one example in several chunks
 
 
+def test_chunks_are_sized_by_the_layers_their_rows_run():
+    from attattr_fast import engine
+
+    adapter = AttentionAttribution(tiny_classifier("bert", layers=4)).adapter
+    f32, cpu = torch.float32, torch.device("cpu")
+    # rows of layers 0..3 run 4, 3, 2 and 1 layers: 2.5 on average over a chunk of whole examples
+    per_row = engine.row_bytes(adapter, 20, 2.5, f32)
+    assert engine.row_bytes(adapter, 20, 4, f32) > per_row > engine.row_bytes(adapter, 20, 1, f32)
+    assert engine.default_rows_per_chunk(adapter, 20, [0, 1, 2, 3], 2, f32, cpu, budget=20 * per_row) == 20
+    # a chunk smaller than one example's 8 rows may hold only layer 0's rows, each running all 4 layers
+    lowest = engine.row_bytes(adapter, 20, 4, f32)
+    rows = engine.default_rows_per_chunk(adapter, 20, [0, 1, 2, 3], 2, f32, cpu, budget=7 * per_row)
+    assert rows == 7 * per_row // lowest
+    # targeting only the top two layers, rows run 2 or 1 layers
+    assert engine.default_rows_per_chunk(adapter, 20, [2, 3], 2, f32, cpu, budget=10 * per_row) == (
+        10 * per_row // engine.row_bytes(adapter, 20, 1.5, f32))
+
+
 def test_default_grouping_sizes_groups_by_their_length(monkeypatch):
     from attattr_fast import engine
 
@@ -278,7 +296,7 @@ def test_default_grouping_sizes_groups_by_their_length(monkeypatch):
     ref = reference.attribute(model, ids, mask, types, n_steps=3, dtype=torch.float64)
     # 2 layers × 3 nodes = 6 rows per example; a budget of 8 rows at length 12 (one long example per group)
     # leaves the three short examples room to share one chunk, as sizing by the longest (12) would not
-    budget = 8 * engine.row_bytes(aa.adapter, 12, 0, torch.float32)
+    budget = 8 * engine.row_bytes(aa.adapter, 12, 1.5, torch.float32)  # rows run 2 or 1 layers: 1.5 on average
     monkeypatch.setattr(engine, "memory_budget", lambda device: budget)
     calls = []
     real = engine.attribute_group
