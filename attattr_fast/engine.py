@@ -374,8 +374,8 @@ def row_bytes(adapter: EncoderAdapter, n: int, layers_per_row: float, dtype: tor
     the attention output, both LayerNorm inputs and the activation's input, n·(6D + I), and 2·H·n² for an
     attention backend that keeps its scores or a materialised mask; once per row, one layer's gradients during
     the backward, n·(4D + 2I), all in `dtype`; and the row's float32 input, context and context gradient, and
-    its leaf and the leaf's gradient in `dtype`. On BERT-base in float32 this is 1.4–1.5× the peak the
-    profiler's memory timeline measured on the CPU (bench/memory_model.py)."""
+    its leaf and the leaf's gradient in `dtype`. On BERT-base this is 1.3–1.7× the peak per row measured on
+    the CPU (bench/memory_model.py, bench/results/cpu-memory_model.json)."""
     item = torch.finfo(dtype).bits // 8
     hidden, intermediate = adapter.hidden_size, adapter.model.config.intermediate_size
     kept_per_layer = n * (6 * hidden + intermediate) + 2 * adapter.n_heads * n * n

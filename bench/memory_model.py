@@ -33,7 +33,7 @@ import engine_ab  # noqa: E402
 from attattr_fast import AttentionAttribution, engine  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16}
-CASES = "float32:32:all,float32:64:all,float32:128:all,float32:64:lowest,bf16:64:all,float32:64:all:packed"
+CASES = "float32:32:all,float32:64:all,float32:128:all,float32:64:lowest,bf16:32:all,float32:64:all:packed"
 
 
 def measure_case(aa: AttentionAttribution, device, dtype, n: int, layers: list[int], packed: bool, count: int,
