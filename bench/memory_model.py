@@ -40,25 +40,21 @@ def measure_case(aa: AttentionAttribution, device, dtype, n: int, layers: list[i
                  steps: int) -> dict:
     adapter = aa.adapter
     peaks, rows = {}, {}
-    pack_above = 0.0 if packed else float("inf")
-    original = engine.plan_groups, engine.PACK_ABOVE_PADDING
-    try:
-        for examples in (count, 2 * count):
-            # packed: every other example a third shorter, so the rows run packed; else all at n
-            lengths = [n - (i % 2) * (n // 3) if packed else n for i in range(examples)]
-            ids, mask, types = (t.to(device) for t in common.random_batch(lengths, adapter.model.config.vocab_size))
-            engine.plan_groups = lambda *args, examples=examples: [(0, examples, 1 << 30)]  # one chunk
-            engine.PACK_ABOVE_PADDING = pack_above
+    for examples in (count, 2 * count):
+        # packed: every other example a third shorter, so the rows run packed; else all at n
+        lengths = [n - (i % 2) * (n // 3) if packed else n for i in range(examples)]
+        ids, mask, types = (t.to(device) for t in common.random_batch(lengths, adapter.model.config.vocab_size))
+        one_chunk = engine_ab.Arm(plan=lambda *args, examples=examples: [(0, examples, 1 << 30)],
+                                  pack_above_padding=0.0 if packed else float("inf"))
 
-            def call(ids=ids, mask=mask, types=types):
-                return aa.attribute(ids, mask, types, layers=layers, method="gausslegendre", n_steps=steps,
-                                    dtype=dtype, output="reduced", result_device=device)
+        def call(ids=ids, mask=mask, types=types):
+            return aa.attribute(ids, mask, types, layers=layers, method="gausslegendre", n_steps=steps,
+                                dtype=dtype, output="reduced", result_device=device)
 
+        with engine_ab.arm_settings(one_chunk):
             call()  # warm-up: one-time allocations are not the rows'
             peaks[examples] = common.tensor_peak_bytes(call, device)
-            rows[examples] = examples * len(layers) * steps
-    finally:
-        engine.plan_groups, engine.PACK_ABOVE_PADDING = original
+        rows[examples] = examples * len(layers) * steps
     measured = (peaks[2 * count] - peaks[count]) / (rows[2 * count] - rows[count])
     if measured <= 0:
         raise SystemExit(f"the peak did not grow with the rows ({peaks}): no per-row figure to compare")

@@ -270,8 +270,6 @@ def test_plan_groups_trades_padding_against_group_count():
 
 
 def test_chunks_are_sized_by_the_layers_their_rows_run():
-    from attattr_fast import engine
-
     adapter = AttentionAttribution(tiny_classifier("bert", layers=4)).adapter
     f32, cpu = torch.float32, torch.device("cpu")
     # rows of layers 0..3 run 4, 3, 2 and 1 layers: 2.5 on average over a chunk of whole examples
@@ -288,8 +286,6 @@ def test_chunks_are_sized_by_the_layers_their_rows_run():
 
 
 def test_default_grouping_sizes_groups_by_their_length(monkeypatch):
-    from attattr_fast import engine
-
     model = tiny_classifier("bert", layers=2)
     ids, mask, types = padded_batch(model, [3, 12, 3, 4, 12])
     aa = AttentionAttribution(model)
