@@ -157,10 +157,12 @@ class AttentionAttribution:
             except engine.OUT_OF_MEMORY as exc:  # what the failing chunk held, for a caller that retries smaller
                 exc.rows_in_chunk = min(rows_per_chunk, (end - begin) * rows_per_example)
                 raise
-            out.put(idx, n, group)
+            with engine.phase("collect"):
+                out.put(idx, n, group)
 
-        delta = out.attr_sum - (out.prob.unsqueeze(1) - out.baseline)
-        top = top_interactions(out.layer_attr, key_mask.to(result_device).unsqueeze(1), top_k) if top_k else None
+        with engine.phase("collect"):
+            delta = out.attr_sum - (out.prob.unsqueeze(1) - out.baseline)
+            top = top_interactions(out.layer_attr, key_mask.to(result_device).unsqueeze(1), top_k) if top_k else None
         result = AttributionResult(
             attributions=out.attributions,
             attention=out.attention,

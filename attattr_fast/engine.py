@@ -38,6 +38,17 @@ log = logging.getLogger(__name__)
 # before, torch.cuda.OutOfMemoryError). Other allocation failures (a CPU one is a RuntimeError) are not retried.
 OUT_OF_MEMORY = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),)
 
+# Instrumentation (bench/profile_engine.py --phases): None, or a function that takes a phase's name and returns the
+# context manager to run it under. The phases of a call, in the engine and (collect) the api; they do not nest.
+PHASES = ("prefix", "gather", "rows forward", "rows backward", "accumulate", "baseline", "reduce", "collect")
+phase_hook: Callable[[str], contextlib.AbstractContextManager] | None = None
+
+
+def phase(name: str) -> contextlib.AbstractContextManager:
+    """The context to run the named phase under: `phase_hook`'s, or none."""
+    assert name in PHASES, name
+    return contextlib.nullcontext() if phase_hook is None else phase_hook(name)
+
 
 @dataclass
 class LayerState:
@@ -314,13 +325,15 @@ def context_gradients(adapter: EncoderAdapter, weights: Weights, rows: Rows,
                       functions: LayerFunctions = EAGER) -> tuple[Tensor, Tensor]:
     """(F [R], G [R, H, n, d] float32): one forward and one backward over the chunk."""
     with torch.enable_grad():
-        prob, leaves = forward_rows(adapter, weights, rows, need_grad=True, functions=functions)
+        with phase("rows forward"):
+            prob, leaves = forward_rows(adapter, weights, rows, need_grad=True, functions=functions)
         # a compiled backward may compile on its first run, here
-        with contextlib.nullcontext() if functions is EAGER else _compile_failure_is_an_error():
+        with phase("rows backward"), contextlib.nullcontext() if functions is EAGER else _compile_failure_is_an_error():
             grads = torch.autograd.grad(prob.sum(), [leaf for _, leaf in leaves])
-    grad = torch.zeros(rows.context.shape, dtype=torch.float32, device=rows.context.device)
-    for (span, _), g in zip(leaves, grads):
-        grad[span, :, : g.shape[2]] = g.float()
+    with phase("accumulate"):
+        grad = torch.zeros(rows.context.shape, dtype=torch.float32, device=rows.context.device)
+        for (span, _), g in zip(leaves, grads):
+            grad[span, :, : g.shape[2]] = g.float()
     return prob.detach(), grad
 
 
@@ -514,11 +527,12 @@ def attribute_group(
     padded = lengths is None or int(lengths.min()) < n
     pack_lengths = lengths if runs_packed(lengths, n, functions) else None
     keep_qk = getattr(reduce_layer, "needs_qk", False)
-    prefix = run_prefix(adapter, prefix_weights, input_ids, key_mask, token_type_ids, layers,
-                        keep_probs=full_output or not keep_qk, keep_qk=keep_qk)
-    if target is None:
-        target = prefix.logits.argmax(-1)
-    prob = target_probability(prefix.logits, target)
+    with phase("prefix"):
+        prefix = run_prefix(adapter, prefix_weights, input_ids, key_mask, token_type_ids, layers,
+                            keep_probs=full_output or not keep_qk, keep_qk=keep_qk)
+        if target is None:
+            target = prefix.logits.argmax(-1)
+        prob = target_probability(prefix.logits, target)
     n_ex, n_layers, n_nodes = input_ids.shape[0], len(layers), len(alphas)
     alphas, quad_weights = alphas.cpu(), quad_weights.cpu()
 
@@ -532,48 +546,53 @@ def attribute_group(
     grad_sum = torch.zeros((n_ex * n_layers, *ctx_shape), dtype=torch.float32, device=device)
     for begin in range(0, len(example), rows_per_chunk):
         span = slice(begin, begin + rows_per_chunk)
-        rows, order = gather_rows(prefix, example[span], start_of[layer_idx[span]], alphas[node[span]], target,
-                                  padded, pack_lengths)
+        with phase("gather"):
+            rows, order = gather_rows(prefix, example[span], start_of[layer_idx[span]], alphas[node[span]], target,
+                                      padded, pack_lengths)
         _, grad = context_gradients(adapter, row_weights, rows, functions)
-        slot = (example[span] * n_layers + layer_idx[span])[order].to(device, non_blocking=True)
-        weight = quad_weights[node[span]][order].to(device, non_blocking=True)
-        grad_sum.index_add_(0, slot, grad * weight.view(-1, 1, 1, 1))
+        with phase("accumulate"):
+            slot = (example[span] * n_layers + layer_idx[span])[order].to(device, non_blocking=True)
+            weight = quad_weights[node[span]][order].to(device, non_blocking=True)
+            grad_sum.index_add_(0, slot, grad * weight.view(-1, 1, 1, 1))
 
     # F(layer l's attention = 0): one row per (example, layer) at α = 0, no backward.
-    baseline = torch.empty(n_ex * n_layers, dtype=torch.float32, device=device)
-    base_example = torch.arange(n_ex).repeat_interleave(n_layers)
-    base_layer = torch.arange(n_layers).repeat(n_ex)
-    for begin in range(0, len(base_example), rows_per_chunk):
-        span = slice(begin, begin + rows_per_chunk)
-        zero = torch.zeros(len(base_example[span]))
-        rows, order = gather_rows(prefix, base_example[span], start_of[base_layer[span]], zero, target, padded,
-                                  pack_lengths)
-        slot = (base_example[span] * n_layers + base_layer[span])[order].to(device, non_blocking=True)
-        baseline[slot] = baseline_probability(adapter, row_weights, rows)
+    with phase("baseline"):
+        baseline = torch.empty(n_ex * n_layers, dtype=torch.float32, device=device)
+        base_example = torch.arange(n_ex).repeat_interleave(n_layers)
+        base_layer = torch.arange(n_layers).repeat(n_ex)
+        for begin in range(0, len(base_example), rows_per_chunk):
+            span = slice(begin, begin + rows_per_chunk)
+            zero = torch.zeros(len(base_example[span]))
+            rows, order = gather_rows(prefix, base_example[span], start_of[base_layer[span]], zero, target, padded,
+                                      pack_lengths)
+            slot = (base_example[span] * n_layers + base_layer[span])[order].to(device, non_blocking=True)
+            baseline[slot] = baseline_probability(adapter, row_weights, rows)
 
-    grad_sum = grad_sum.view(n_ex, n_layers, *ctx_shape)
-    head_max, head_argmax, layer_attr, attr_sum, attributions, attention = [], [], [], [], [], []
-    for li, layer in enumerate(layers):
-        state = prefix.layers[layer]
-        attr, hmax, hpos, lsum = reduce_layer(state, grad_sum[:, li], prefix.key_mask, full_output)
-        head_max.append(hmax)
-        head_argmax.append(hpos)
-        layer_attr.append(lsum)
-        attr_sum.append(lsum.sum(dim=(-1, -2)))
-        if full_output:
-            attributions.append(attr)
-            attention.append(_masked_probs(state.probs, prefix.key_mask))
-    return GroupResult(
-        head_max=torch.stack(head_max, 1),
-        head_argmax=torch.stack(head_argmax, 1),
-        layer_attr=torch.stack(layer_attr, 1),
-        prob=prob,
-        target=target,
-        baseline=baseline.view(n_ex, n_layers),
-        attr_sum=torch.stack(attr_sum, 1),
-        attributions=torch.stack(attributions, 1) if full_output else None,
-        attention=torch.stack(attention, 1) if full_output else None,
-    )
+    with phase("reduce"):
+        grad_sum = grad_sum.view(n_ex, n_layers, *ctx_shape)
+        head_max, head_argmax, layer_attr, attr_sum, attributions, attention = [], [], [], [], [], []
+        for li, layer in enumerate(layers):
+            state = prefix.layers[layer]
+            attr, hmax, hpos, lsum = reduce_layer(state, grad_sum[:, li], prefix.key_mask, full_output)
+            head_max.append(hmax)
+            head_argmax.append(hpos)
+            layer_attr.append(lsum)
+            attr_sum.append(lsum.sum(dim=(-1, -2)))
+            if full_output:
+                attributions.append(attr)
+                attention.append(_masked_probs(state.probs, prefix.key_mask))
+        result = GroupResult(
+            head_max=torch.stack(head_max, 1),
+            head_argmax=torch.stack(head_argmax, 1),
+            layer_attr=torch.stack(layer_attr, 1),
+            prob=prob,
+            target=target,
+            baseline=baseline.view(n_ex, n_layers),
+            attr_sum=torch.stack(attr_sum, 1),
+            attributions=torch.stack(attributions, 1) if full_output else None,
+            attention=torch.stack(attention, 1) if full_output else None,
+        )
+    return result
 
 
 def _masked_probs(probs: Tensor, key_mask: Tensor) -> Tensor:

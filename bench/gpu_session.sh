@@ -5,11 +5,14 @@
 # $BUDGET seconds (default 560, inside the device tool's 10-minute call):
 #   tests     the GPU-marked tests (kernel vs torch ops, int64 offsets, engine triton vs torch)
 #   memory    memory_model.py: engine.row_bytes (the planner's memory model) against the measured peak per row
+#   phases    profile_engine.py --phases: torch bf16 gl 2 and rr 20 on 256 sentences phase by phase (prefix, rows
+#             forward, rows backward, baseline, ...): each phase's time, its kernels by category, and how busy the
+#             GPU was in it
 #   profile   profile_engine.py (the device's matmul ceilings; where the engine's GPU time goes), $PROFILE_ARGS
-#   packing   engine_ab.py --compare packing: rows packed to their real tokens against rows padded (bf16 gl 2
-#             and rr 20, 256 sentences; packing every padded group, so the padding of both rules is measured)
 #   compile   engine_ab.py --compare compile: the rows' layers eager against torch.compile (bf16 gl 2 and
 #             rr 20, 256 sentences; the warm-up call's time includes compiling)
+#   packing   engine_ab.py --compare packing: rows packed to their real tokens against rows padded (bf16 gl 2
+#             and rr 20, 256 sentences; packing every padded group, so the padding of both rules is measured)
 #   compare   bench_compare.py on $WORKLOADS (default a), $COMPARE_ARGS passed on, at most $COMPARE_LIMIT s each
 #   overhead  profile_engine.py --group-overhead: what one more group costs (engine.GROUP_OVERHEAD_TOKENS)
 #   grouping  engine_ab.py --compare grouping: plan_groups against the grouping it replaced (bf16 gl 2 and
@@ -30,7 +33,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 python=${PYTHON:-python3}
 results=bench/results
 budget=${BUDGET:-560}
-steps=${STEPS:-tests memory profile packing compile compare overhead grouping probe kernel}
+steps=${STEPS:-tests memory phases profile compile packing compare overhead grouping probe kernel}
 out=${OUT:-/tmp/gpu_session}; mkdir -p "$out"
 log() { echo "== $(date +%H:%M:%S) [${SECONDS}s] $*"; }
 # step LIMIT CMD...: run CMD for at most LIMIT seconds and never past the budget; skip it when < 30 s are left
@@ -60,6 +63,9 @@ for name in $steps; do
     memory)
         log "memory model"
         step 60 $python bench/memory_model.py 2>&1 | tee "$out/memory.log" | tail -10 ;;
+    phases)
+        log "phases"
+        step 90 $python bench/profile_engine.py --phases 2>&1 | tee "$out/phases.log" | tail -30 ;;
     profile)
         log "profile"
         step ${PROFILE_LIMIT:-120} $python bench/profile_engine.py ${PROFILE_ARGS---examples 128} 2>&1 | tee "$out/profile.log" | tail -60 ;;

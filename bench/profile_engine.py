@@ -12,16 +12,25 @@ on this device: a large bf16 and a float32 matrix product, and bf16 products at 
 costs (`group_scaling`: the same sentences split into 2, 4, 8, … groups), in row-tokens: the figure
 `engine.GROUP_OVERHEAD_TOKENS` stands for.
 
+With --phases (and in --quick), each case also runs phase by phase (`engine.phase_hook`): prefix, gather, rows
+forward, rows backward, accumulate, baseline, reduce, collect, each between two device synchronisations. Per
+phase: its seconds and share of the call, and under the profiler the device time of the kernels that ran in it
+(binned by their start time; on the CPU the aten ops' own time), by category, over the phase's length: a phase
+whose device is busy most of its time is bound by its kernels, one whose device idles is bound by the host.
+
     python bench/profile_engine.py                 # GPU: 256 examples (a), the cases in --help, group overhead
     python bench/profile_engine.py --quick         # CPU smoke test: small shape, 4 examples, CPU activity only
     python bench/profile_engine.py --group-overhead  # the group overhead only (CPU: BERT-base, 16 sentences)
+    python bench/profile_engine.py --phases        # GPU: torch bf16 gl 2 and rr 20 on 256 examples, phase by phase
 
-Writes bench/results/<device>-profile_engine[-quick|-group-overhead].json.
+Writes bench/results/<device>-profile_engine[-quick|-group-overhead|-phases].json.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
+import contextlib
 import os
 import sys
 import time
@@ -30,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -44,7 +53,8 @@ from attattr_fast import AttentionAttribution, engine  # noqa: E402
 CATEGORIES = (
     ("attribution_reduce (triton)", ("_attribution_tiles",)),
     ("attention (sdpa/flash)", ("flash", "fmha", "attention", "efficient_attention", "sdpa")),
-    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "sm90", "sm80", "wgmma", "matmul", "cublas")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "sm90", "sm80", "wgmma", "matmul", "cublas", "aten::mm",
+                "aten::addmm", "aten::bmm", "aten::linear")),
     ("softmax", ("softmax",)),
     ("layer norm", ("layer_norm", "layernorm")),
     ("copy / cat / index", ("copy", "cat", "index", "gather", "scatter", "memcpy", "memset", "fill")),
@@ -139,6 +149,119 @@ def profile_case(call, device, flops: float, rows_per_example: int) -> dict:
     }
 
 
+PHASE_MARK = "phase::"  # the profiler range each phase runs in
+
+
+class PhaseClock:
+    """`engine.phase_hook` for --phases: each phase between two device synchronisations, timed on the host and
+    marked for the profiler, so the kernels that ran in it can be found by their start time."""
+
+    def __init__(self, device):
+        self.device = device
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: Counter = Counter()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        common.synchronize(self.device)
+        start = time.perf_counter()
+        with record_function(PHASE_MARK + name):
+            yield
+            common.synchronize(self.device)
+        self.seconds[name] += time.perf_counter() - start
+        self.calls[name] += 1
+
+
+@contextlib.contextmanager
+def phases_timed_by(clock: PhaseClock):
+    engine.phase_hook = clock
+    try:
+        yield clock
+    finally:
+        engine.phase_hook = None
+
+
+def device_work(prof, device) -> list[tuple[str, float, float]]:
+    """(name, start µs, µs) of what ran on the device: the GPU's kernels, copies and fills; on the CPU, each aten
+    op's own time (its children's excluded, so nothing counts twice) under the name of the outermost aten op it ran
+    in (addmm's copy of its bias is matrix-product time, attention's zeroed buffers attention time)."""
+    if device.type == "cuda":
+        return [(e.name, e.time_range.start, e.time_range.elapsed_us()) for e in prof.events()
+                if e.device_type == torch.autograd.DeviceType.CUDA]
+    work = []
+    for e in prof.events():
+        if e.name.startswith("aten::") and e.device_type == torch.autograd.DeviceType.CPU:
+            outermost, parent = e, e.cpu_parent
+            while parent is not None:
+                if parent.name.startswith("aten::"):
+                    outermost = parent
+                parent = parent.cpu_parent
+            work.append((outermost.name, e.time_range.start, e.self_cpu_time_total))
+    return work
+
+
+def phase_case(call, device) -> dict:
+    """One call phase by phase (see the module's docstring), after a warm-up and one call without synchronisations
+    (the phases' sum exceeds it by what the synchronisations cost: the overlap of host and device they prevent)."""
+    call()
+    common.synchronize(device)
+    start = time.perf_counter()
+    call()
+    common.synchronize(device)
+    unsynced = time.perf_counter() - start
+    with phases_timed_by(PhaseClock(device)) as clock:
+        start = time.perf_counter()
+        call()
+        common.synchronize(device)
+        phased = time.perf_counter() - start
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with phases_timed_by(PhaseClock(device)), profile(activities=activities) as prof:
+        call()
+        common.synchronize(device)
+    windows = sorted((e.time_range.start, e.time_range.end, e.name[len(PHASE_MARK):]) for e in prof.events()
+                     if e.name.startswith(PHASE_MARK))
+    starts = [w[0] for w in windows]
+    window_us, busy_us = defaultdict(float), defaultdict(float)
+    by_category = defaultdict(lambda: defaultdict(float))
+    for begin, end, name in windows:
+        window_us[name] += end - begin
+    outside_us = 0.0  # device work that started in no phase: the call's own work between phases
+    for name, begin, us in device_work(prof, device):
+        i = bisect.bisect_right(starts, begin) - 1
+        if i < 0 or begin >= windows[i][1]:
+            outside_us += us
+            continue
+        phase = windows[i][2]
+        busy_us[phase] += us
+        by_category[phase][category(name)] += us
+    phases = {}
+    for name in sorted(clock.seconds, key=lambda k: -clock.seconds[k]):
+        cats = by_category[name]
+        total = sum(cats.values())
+        phases[name] = {
+            "calls": clock.calls[name], "seconds": clock.seconds[name], "share_of_call": clock.seconds[name] / phased,
+            "profiled_seconds": window_us[name] / 1e6,
+            "device_busy_fraction": busy_us[name] / window_us[name] if window_us[name] else None,
+            "device_seconds_by_category": {k: v / 1e6 for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
+            "category_shares": {k: v / total for k, v in sorted(cats.items(), key=lambda kv: -kv[1])} if total else {},
+        }
+    return {"wall_s_unsynced": unsynced, "wall_s_phased": phased,
+            "outside_phases_s": phased - sum(clock.seconds.values()),
+            "device_work_outside_phases_s": outside_us / 1e6,
+            "device_work_kind": "CUDA kernels, copies and fills" if device.type == "cuda" else "aten ops' own CPU time",
+            "phases": phases}
+
+
+def print_phases(case: str, res: dict) -> None:
+    print(f"\n== {case}, phase by phase: {res['wall_s_unsynced']:.3f} s unsynchronised, {res['wall_s_phased']:.3f} s "
+          f"with a synchronisation around each phase ({res['outside_phases_s']:.3f} s outside the phases)")
+    print(f"   {'phase':14s} {'calls':>5s} {'seconds':>8s} {'share':>6s} {'busy':>5s}  device time by category")
+    for name, p in res["phases"].items():
+        busy = "" if p["device_busy_fraction"] is None else f"{100 * p['device_busy_fraction']:4.0f}%"
+        cats = ", ".join(f"{k} {100 * v:.0f}%" for k, v in list(p["category_shares"].items())[:4])
+        print(f"   {name:14s} {p['calls']:5d} {p['seconds']:8.3f} {100 * p['share_of_call']:5.0f}% {busy:>5s}  {cats}")
+
+
 def group_scaling(aa, device, vocab_size: int, dtype, n: int = 24, examples: int = 64, splits=(2, 4, 8, 16, 32),
                   repeats: int = 3) -> dict:
     """What one more group costs, in row-tokens (engine.GROUP_OVERHEAD_TOKENS). `examples` sentences of n tokens
@@ -186,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
                              "last, as its compilation is slow)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--group-overhead", action="store_true", help="only the group-overhead measurement")
+    parser.add_argument("--phases", action="store_true",
+                        help="each case phase by phase only (GPU default cases: torch bf16 gl 2 and rr 20)")
     args = parser.parse_args(argv)
     device = common.pick_device(args.device)
     gpu = device.type == "cuda"
@@ -193,8 +318,10 @@ def main(argv: list[str] | None = None) -> int:
     count = args.examples or (4 if args.quick or not gpu else 256)
     default = ["torch:bf16:riemann_right:20", "torch:bf16:gausslegendre:2", "torch:bf16:riemann_right:20:6144",
                "torch:float32:gausslegendre:2", "triton:bf16:gausslegendre:2"]
+    if args.phases:
+        default = ["torch:bf16:gausslegendre:2", "torch:bf16:riemann_right:20"]
     if not gpu:
-        default = ["torch:float32:riemann_right:20"]
+        default = ["torch:float32:gausslegendre:2" if args.phases else "torch:float32:riemann_right:20"]
     cases = [] if args.group_overhead else args.cases.split(",") if args.cases else default
     env = common.environment(device)
     print(f"device: {env['device']}; torch {env['versions']['torch']}, triton {env['versions']['triton']}")
@@ -202,9 +329,11 @@ def main(argv: list[str] | None = None) -> int:
     lengths, _ = bench_compare.workload_lengths("a", count, seed=ord("a"))
     ids, mask, types = (t.to(device) for t in common.random_batch(lengths, model.config.vocab_size, seed=ord("a")))
     aa = AttentionAttribution(model)
+    name = "profile_engine" + ("-quick" if args.quick else "-group-overhead" if args.group_overhead
+                               else "-phases" if args.phases else "")
     payload = {"benchmark": "profile_engine", "environment": env, "shape": shape, "examples": count,
                "mean_length": float(np.mean(lengths)),
-               "ceilings_tflops": ceilings(device) if gpu and not args.group_overhead else None,
+               "ceilings_tflops": ceilings(device) if gpu and not (args.group_overhead or args.phases) else None,
                "cases": {}}
     for case in cases:
         backend, dtype_name, method, steps, *chunk = case.split(":")
@@ -221,13 +350,22 @@ def main(argv: list[str] | None = None) -> int:
                                 output="full", internal_batch_size=chunk, result_device=device)
 
         try:
-            res = profile_case(call, device, flops, rows_per_example=shape["layers"] * int(steps))
+            if args.phases:
+                res = {"phases": phase_case(call, device)}
+            else:
+                res = profile_case(call, device, flops, rows_per_example=shape["layers"] * int(steps))
+                if args.quick:
+                    res["phases"] = phase_case(call, device)
         except Exception as exc:  # one failing case must not lose the others
             print(f"\n== {case}: failed: {type(exc).__name__}: {exc}")
             payload["cases"][case] = {"error": f"{type(exc).__name__}: {exc}"}
             continue
         payload["cases"][case] = res
-        common.write_json(payload, "profile_engine" + ("-quick" if args.quick else ""), device, args.out)
+        common.write_json(payload, name, device, args.out)
+        if "phases" in res:
+            print_phases(case, res["phases"])
+        if args.phases:
+            continue
         busy = f", GPU busy {100 * res['gpu_busy_fraction']:.0f}%" if gpu else ""
         print(f"\n== {case}: wall {res['wall_s']:.3f} s, {res['tflops_wall']:.1f} TFLOP/s{busy}, "
               f"{res['kernel_launches']} launches, {res['host_syncs_and_copies']} syncs/copies; matrix products "
@@ -247,7 +385,6 @@ def main(argv: list[str] | None = None) -> int:
             sizes = {} if gpu else dict(examples=16, splits=(2, 4, 8, 16), repeats=2)
         payload["group_scaling"] = group_scaling(aa, device, model.config.vocab_size,
                                                  torch.bfloat16 if gpu else None, **sizes)
-    name = "profile_engine" + ("-quick" if args.quick else "-group-overhead" if args.group_overhead else "")
     path = common.write_json(payload, name, device, args.out)
     print(f"\nwrote {path}")
     return 0

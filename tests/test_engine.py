@@ -1,5 +1,6 @@
 """The engine against the literal algorithm (attattr_fast.reference) and against invariants."""
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -100,6 +101,36 @@ def test_chunking_layer_subset_and_determinism():
                               internal_batch_size=rows)
         assert_close_per_layer(gl_cut.attributions, gl_whole.attributions)
         torch.testing.assert_close(gl_cut.baseline, gl_whole.baseline, atol=1e-6, rtol=0)
+
+
+def test_phase_hook_sees_every_phase_once_at_a_time_and_changes_nothing(monkeypatch):
+    """bench/profile_engine.py --phases times a call through `engine.phase_hook`: the phases must not nest (a
+    phase's time would count twice) and must leave the result as it is."""
+    model = tiny_classifier("bert", layers=3)
+    ids, mask, types = padded_batch(model, [7, 3])
+    aa = AttentionAttribution(model)
+    plain = aa.attribute(ids, mask, types, n_steps=3, backend="torch", internal_batch_size=4, top_k=3)
+    seen, open_phases = [], []
+
+    @contextlib.contextmanager
+    def hook(name):
+        assert not open_phases, f"{name} inside {open_phases}"
+        open_phases.append(name)
+        seen.append(name)
+        yield
+        open_phases.pop()
+
+    monkeypatch.setattr(engine, "phase_hook", hook)
+    hooked = aa.attribute(ids, mask, types, n_steps=3, backend="torch", internal_batch_size=4, top_k=3)
+    # chunks of 4 rows hold less than one example's 3 layers × 3 nodes: a group per example, 3 chunks each
+    groups, chunks = 2, 2 * 3
+    assert seen.count("prefix") == seen.count("baseline") == seen.count("reduce") == groups
+    assert seen.count("gather") == seen.count("rows forward") == seen.count("rows backward") == chunks
+    assert seen.count("accumulate") == 2 * chunks and seen.count("collect") == groups + 1
+    assert set(seen) == set(engine.PHASES)
+    for field in ("attributions", "layer_attr", "head_max", "baseline", "delta", "prob"):
+        assert torch.equal(getattr(hooked, field), getattr(plain, field)), field
+    assert torch.equal(hooked.top_k.key, plain.top_k.key) and torch.equal(hooked.top_k.query, plain.top_k.query)
 
 
 def test_compiled_layers_equal_the_reference_and_serve_every_layer():
