@@ -108,6 +108,11 @@ class EncoderAdapter:
         self.scale = self.head_dim**-0.5
         self.eps = config.layer_norm_eps
         self.num_labels = config.num_labels
+        if self.num_labels < 2:  # F, the target class's softmax probability, would be 1 whatever the input
+            raise UnsupportedModelError(
+                f"{type(model).__name__} has {self.num_labels} output (a regression head); attribution needs a "
+                "classifier of 2 or more classes"
+            )
         from transformers.activations import ACT2FN
 
         self.act = ACT2FN[config.hidden_act] if isinstance(config.hidden_act, str) else config.hidden_act

@@ -11,7 +11,15 @@ from torch import Tensor
 from attattr_fast import engine
 from attattr_fast.adapters import EncoderAdapter, adapter_for
 from attattr_fast.errors import AttAttrError
-from attattr_fast.inputs import check_backend, check_options, row_dtype, state_dtype, validate_inputs
+from attattr_fast.inputs import (
+    allows_autograd,
+    as_dtype,
+    check_backend,
+    check_options,
+    row_dtype,
+    state_dtype,
+    validate_inputs,
+)
 from attattr_fast.reductions import TopInteractions, top_interactions
 from attattr_fast.result import AttributionResult
 
@@ -73,6 +81,7 @@ class AttentionAttribution:
     def model(self) -> torch.nn.Module:
         return self.adapter.model
 
+    @allows_autograd
     def attribute(
         self,
         input_ids: Tensor,
@@ -114,6 +123,7 @@ class AttentionAttribution:
         """
         adapter = self.adapter
         alphas_np, weights_np = check_options(method, n_steps, output, dtype, internal_batch_size, top_k)
+        dtype = as_dtype(dtype)
         device = adapter.device
         input_ids = input_ids.to(device) if isinstance(input_ids, Tensor) else input_ids
         key_mask, token_type_ids, target, layers = validate_inputs(

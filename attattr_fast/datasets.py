@@ -1,6 +1,8 @@
-"""Reading labelled examples: the generic TSV (with a header) / CSV / JSONL format.
+"""Reading labelled examples: the generic TSV (with a header) / CSV / JSONL format, or plain text.
 
-Columns: `text` (required), `text_pair` (optional), `label` (optional; a label name or an index).
+Columns: `text` (required), `text_pair` (optional), `label` (optional; a label name or an index). A TSV field is
+taken as it stands (no quoting, as in GLUE's files: a text may begin with a quote); a .txt file holds one text per
+line.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ def read_examples(path: str | Path) -> list[Example]:
     try:
         if suffix in (".tsv", ".csv"):
             with path.open(newline="", encoding="utf-8-sig") as f:
-                # strict: an unterminated quote is an error, not a text that swallows the rest of the file
-                reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",", strict=True)
+                # strict: an unterminated CSV quote is an error, not a text that swallows the rest of the file
+                dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {"delimiter": ","}
+                reader = csv.DictReader(f, strict=True, **dialect)
                 records = []
                 for r in reader:
                     if None in r:  # DictReader's key for the fields beyond the header
@@ -56,6 +59,10 @@ def read_examples(path: str | Path) -> list[Example]:
             header = sorted({k for r in records for k in r})
         elif suffix == ".txt":
             lines = path.read_text(encoding="utf-8-sig").splitlines()
+            tabbed = next((number for number, line in enumerate(lines, 1) if "\t" in line), None)
+            if tabbed is not None:  # most likely columns: a TSV under another name
+                raise AttAttrError(f"{path}:{tabbed}: a tab in a .txt file, which holds one text per line; "
+                                   "for text and label columns name it .tsv")
             records, header = [{"text": line} for line in lines if line.strip()], ["text"]
         else:
             raise AttAttrError(f"{path}: unknown input format {suffix!r}; use .tsv, .csv, .jsonl or .txt")

@@ -110,7 +110,8 @@ def graph_figure(graph: nx.DiGraph, title: str | None = None) -> Figure:
         if tokens[position] in SPECIAL_TOKENS:
             label.set_fontstyle("italic")
     ax.set_yticks(range(n_layers + 1))
-    ax.set_yticklabels(["embeddings"] + [f"layer {layer}" for layer in range(1, n_layers + 1)], fontsize=9)
+    # node row k + 1 is the output of 0-based encoder layer k, as the CLI and API number layers
+    ax.set_yticklabels(["embeddings"] + [f"layer {layer}" for layer in range(n_layers)], fontsize=9)
     ax.set_xlim(-0.7, n - 0.3)
     ax.set_ylim(-0.45, n_layers + 0.55)
     ax.tick_params(length=0)
@@ -171,17 +172,17 @@ def receptive_field_figure(field: ReceptiveField) -> Figure:
     means = field.mean()
     fig = Figure(figsize=(11, 0.45 * n_layers + 2.6), dpi=110, layout="constrained")
     left, right = fig.subplots(1, 2, width_ratios=[1, 1.6])
-    layers = np.arange(1, n_layers + 1)
+    layers = np.arange(n_layers)  # 0-based encoder layers
     have = [m is not None for m in means]
     left.plot([m for m in means if m is not None], layers[have], "o-", color=EDGE_COLOR)
-    for layer, (m, d) in enumerate(zip(means, field.distances), start=1):
+    for layer, (m, d) in enumerate(zip(means, field.distances)):
         if m is not None:
             left.annotate(f"{len(d)} edges", (m, layer), xytext=(6, 0), textcoords="offset points",
                           va="center", fontsize=8, color="#555555")
     left.set_xlabel("mean distance |i − j| (tokens)")
     left.set_ylabel("layer")
     left.set_yticks(layers)
-    left.set_ylim(0.5, n_layers + 0.5)
+    left.set_ylim(-0.5, n_layers - 0.5)
     left.set_xlim(left=0)
     left.grid(alpha=0.3)
 
@@ -192,7 +193,7 @@ def receptive_field_figure(field: ReceptiveField) -> Figure:
             counts = np.bincount(np.asarray(d), minlength=longest + 1)[1:]
             shares[layer] = counts / counts.sum()
     image = right.imshow(shares, origin="lower", aspect="auto", cmap="Blues", vmin=0,
-                         extent=(0.5, longest + 0.5, 0.5, n_layers + 0.5))  # fmt: skip
+                         extent=(0.5, longest + 0.5, -0.5, n_layers - 0.5))  # fmt: skip
     right.set_xlabel("distance |i − j| (tokens)")
     right.set_yticks(layers)
     right.set_title("share of each layer's edges", fontsize=10)
@@ -312,7 +313,7 @@ def graph_html(
                      "only the layer sums (attributed with output=\"reduced\").</p>")
     for layer in range(n_layers - 1, -1, -1):
         open_attr = " open" if layer == n_layers - 1 else ""
-        parts.append(f"<details{open_attr}><summary>layer {layer + 1}</summary><div class=\"layer\">")
+        parts.append(f"<details{open_attr}><summary>layer {layer}</summary><div class=\"layer\">")
         parts.append('<div class="pair"><h3>sum over heads</h3>'
                      + _heatmap_block(layer_attr[layer], tokens, "RdBu_r", True, "attribution", cell) + "</div>")
         if attention is not None:

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from attattr_fast.adapters import EncoderAdapter, Weights, adapter_for
 from attattr_fast.errors import AttAttrError
-from attattr_fast.inputs import check_options, validate_inputs
+from attattr_fast.inputs import allows_autograd, check_options, validate_inputs
 from attattr_fast.reductions import masked_head_max
 
 log = logging.getLogger(__name__)
@@ -214,6 +214,7 @@ def _checked_gates(adapter: EncoderAdapter, gates: Tensor) -> Tensor:
 
 
 # -- importance --------------------------------------------------------------------------------------
+@allows_autograd
 def head_importance(
     model: torch.nn.Module | EncoderAdapter,
     input_ids: Tensor,
@@ -486,6 +487,8 @@ def _save_figure(fig, path: str | Path) -> Path:
     try:
         fig.savefig(tmp, format=fmt, dpi=130, bbox_inches="tight")
         os.replace(tmp, path)
+    except OSError as exc:  # name the file asked for, not the temporary one
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
     finally:
         plt.close(fig)
         tmp.unlink(missing_ok=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -13,6 +15,29 @@ from attattr_fast.errors import AttAttrError
 OUTPUTS = ("full", "reduced")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 BACKENDS = ("auto", "triton", "torch")
+
+
+def allows_autograd(fn):
+    """Runs `fn` outside `torch.inference_mode`, which a caller's context would otherwise impose on the integration
+    rows' autograd (no `enable_grad` lifts it), on normal copies of the inference tensors among its arguments
+    (autograd may not save those)."""
+
+    def normal(value):
+        return value.clone() if isinstance(value, Tensor) and value.is_inference() else value
+
+    @functools.wraps(fn)
+    def outside_inference_mode(*args, **kwargs):
+        with torch.inference_mode(False):
+            return fn(*map(normal, args), **{key: normal(value) for key, value in kwargs.items()})
+
+    return outside_inference_mode
+
+
+def as_dtype(dtype):
+    """A torch dtype, or None, from a dtype or its name ("bfloat16", "float16", …)."""
+    if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
+        return getattr(torch, dtype)
+    return dtype
 
 
 def check_backend(backend: str) -> None:
@@ -30,8 +55,9 @@ def check_options(
         raise AttAttrError(str(exc)) from None
     if output not in OUTPUTS:
         raise AttAttrError(f"unknown output {output!r}; choose one of {', '.join(OUTPUTS)}")
-    if dtype is not None and dtype not in DTYPES:
-        raise AttAttrError(f"unsupported dtype {dtype}; use float32, float64, bfloat16 or float16")
+    if dtype is not None and as_dtype(dtype) not in DTYPES:
+        raise AttAttrError(f"unsupported dtype {dtype!r}; use torch.float32, torch.float64, torch.bfloat16 or "
+                           "torch.float16 (or their names)")
     if internal_batch_size is not None and (
         isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, int) or internal_batch_size < 1
     ):
@@ -68,6 +94,9 @@ def validate_inputs(
         raise AttAttrError("input_ids is empty: nothing to attribute")
     if length > adapter.max_length:
         raise AttAttrError(f"sequence length {length} exceeds the model's maximum of {adapter.max_length} tokens")
+    vocab = adapter.config.vocab_size
+    if bool(((input_ids < 0) | (input_ids >= vocab)).any()):
+        raise AttAttrError(f"input_ids holds ids outside the model's vocabulary (0..{vocab - 1})")
     if attention_mask is None:
         key_mask = torch.ones_like(input_ids, dtype=torch.bool)
     else:
@@ -81,6 +110,9 @@ def validate_inputs(
     if token_type_ids is not None:
         if tuple(token_type_ids.shape) != (batch, length):
             raise AttAttrError(f"token_type_ids has shape {tuple(token_type_ids.shape)}, expected {(batch, length)}")
+        types = getattr(adapter.config, "type_vocab_size", 1)
+        if token_type_ids.dtype != torch.long or bool(((token_type_ids < 0) | (token_type_ids >= types)).any()):
+            raise AttAttrError(f"token_type_ids must be a LongTensor of segment ids in 0..{types - 1}")
         token_type_ids = token_type_ids.to(input_ids.device)
     n_labels = adapter.num_labels
     if target is not None:
@@ -98,9 +130,11 @@ def validate_inputs(
     if isinstance(layers, (int, np.integer)) and not isinstance(layers, bool):
         layers = [layers]
     try:
+        if any(isinstance(x, bool) or int(x) != x for x in layers):
+            raise ValueError
         layers = [int(x) for x in layers]
     except (TypeError, ValueError):
-        raise AttAttrError(f"layers must be a list of layer indices, got {layers!r}") from None
+        raise AttAttrError(f"layers must be a list of integer layer indices, got {layers!r}") from None
     if not layers:
         raise AttAttrError("layers is empty")
     bad = [x for x in layers if not 0 <= x < adapter.n_layers]

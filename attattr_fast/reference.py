@@ -21,7 +21,7 @@ from torch import Tensor
 
 from attattr_fast.adapters import adapter_for
 from attattr_fast.errors import AttAttrError
-from attattr_fast.inputs import check_backend, check_options, row_dtype, validate_inputs
+from attattr_fast.inputs import allows_autograd, as_dtype, check_backend, check_options, row_dtype, validate_inputs
 from attattr_fast.reductions import masked_head_max, top_interactions
 from attattr_fast.result import AttributionResult
 
@@ -91,6 +91,7 @@ def _probability(model, ids, types, target) -> Tensor:
     return torch.softmax(logits.double(), dim=-1)[0, target]
 
 
+@allows_autograd
 def attribute(
     model: torch.nn.Module,
     input_ids: Tensor,
@@ -111,9 +112,10 @@ def attribute(
     runs in (None: float32, float64 models stay float64); `backend` is checked and ignored, as is
     `internal_batch_size`: every node is its own forward and backward."""
     alphas, weights = check_options(method, n_steps, output, dtype, internal_batch_size, top_k)
+    dtype = as_dtype(dtype)
     meta = adapter_for(model)  # only for the model's sizes
     device = meta.device
-    input_ids = input_ids.to(device)
+    input_ids = input_ids.to(device) if isinstance(input_ids, Tensor) else input_ids
     key_mask, token_type_ids, target, layers = validate_inputs(
         meta, input_ids, attention_mask, token_type_ids, target, layers
     )

@@ -64,7 +64,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.filename is None:  # say which file could not be written
+        if isinstance(exc, OSError) and exc.filename in (None, str(tmp)):  # say which file could not be written
             raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
         raise
 

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+import attattr_fast
 from attattr_fast import AttentionAttribution, load_classifier, load_results
 from attattr_fast.cli import main
 
@@ -109,6 +110,8 @@ def test_input_builtin_sentiment(capsys, tmp_path, tiny_model_dir):
     (["--text", "good", "--layers", "7"], "layer 7 out of range"),
     (["--text", "good", "--layers", "one"], "cannot parse"),
     (["--text", "good", "--layers", "1-0"], "runs backwards"),
+    (["--text", "good", "--layers", ""], "--layers is empty"),
+    (["--text", "good", "--steps", "20000"], "more than 1024"),
     (["--text", "good", "--dtype", "int8"], "unknown dtype"),
     (["--text", "good", "--target", "neutral"], "unknown label 'neutral'"),
     (["--text", "good", "--model", "/nonexistent/model"], "no model at"),
@@ -142,6 +145,7 @@ def test_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, tiny_model_d
     ("list.jsonl", '{"text": ["a"]}\n', "must be strings"),
     ("quote.csv", 'text,label\n"unterminated,positive\n', "malformed CSV"),
     ("wide.tsv", "text\tlabel\ngood film\tpositive\textra\tfields\n", "4 fields where the header has 2"),
+    ("columns.txt", "text\tlabel\nnice film\tpositive\n", "1: a tab in a .txt file"),
 ])  # fmt: skip
 def test_malformed_input_files(capsys, tmp_path, tiny_model_dir, name, content, message):
     path = tmp_path / name
@@ -153,12 +157,25 @@ def test_malformed_input_files(capsys, tmp_path, tiny_model_dir, name, content, 
     assert not out.exists()
 
 
-def test_tsv_with_a_byte_order_mark_reads(tmp_path):
+def test_tsv_with_a_byte_order_mark_or_quotes_reads_as_it_stands(tmp_path):
     from attattr_fast.datasets import read_examples
 
     path = tmp_path / "excel.tsv"
     path.write_bytes("text\tlabel\ngood film\tpositive\n".encode("utf-8-sig"))
     assert [(e.text, e.label) for e in read_examples(path)] == [("good film", "positive")]
+    path = tmp_path / "quoted.tsv"  # TSV has no quoting (GLUE's files): a text may start with a quote
+    path.write_text('text\tlabel\n"Great" is not the word\tnegative\nit is "fine\tpositive\n')
+    assert [(e.text, e.label) for e in read_examples(path)] == [('"Great" is not the word', "negative"),
+                                                                 ('it is "fine', "positive")]
+
+
+def test_store_options_without_out_and_version(capsys, tiny_model_dir):
+    for option, value in (("--shard-size", "5"), ("--store-dtype", "float16")):
+        code, _, err = run_cli(capsys, "attribute", "--text", "good", "--model", str(tiny_model_dir), option, value)
+        assert code == 2 and f"{option} needs --out" in err and err.count("\n") == 1, err
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"attattr-fast {attattr_fast.__version__}"
 
 
 def test_damaged_weights_and_missing_tokenizer_are_one_line(capsys, tmp_path, tiny_model_dir):

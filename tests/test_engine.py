@@ -474,6 +474,11 @@ def test_completeness_on_minilm(builtin):
     (dict(backend="cuda"), "unknown backend"),
     (dict(internal_batch_size=0), "internal_batch_size"),
     (dict(attention_mask=torch.tensor([[1, 0, 1, 1, 1], [1, 1, 1, 1, 1]])), "right-padded"),
+    (dict(token_type_ids=torch.full((2, 5), 2)), "segment ids in 0..1"),
+    (dict(token_type_ids=torch.zeros(2, 5)), "token_type_ids must be a LongTensor"),
+    (dict(layers=[0.5]), "integer layer indices"),
+    (dict(dtype="int8"), "unsupported dtype 'int8'"),
+    (dict(n_steps=5000), "more than 1024"),
 ])  # fmt: skip
 @pytest.mark.parametrize("implementation", ["engine", "reference"])
 def test_bad_arguments_raise_one_line_errors(kwargs, message, implementation):
@@ -484,6 +489,42 @@ def test_bad_arguments_raise_one_line_errors(kwargs, message, implementation):
     with pytest.raises(AttAttrError, match=message) as info:
         attribute(ids, **kwargs)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("implementation", ["engine", "reference"])
+def test_ids_outside_the_vocabulary_raise(implementation):
+    model = tiny_classifier("bert")
+    attribute = AttentionAttribution(model).attribute if implementation == "engine" else (
+        functools.partial(reference.attribute, model))
+    vocab = model.config.vocab_size
+    for bad in (vocab, -1):
+        with pytest.raises(AttAttrError, match=f"outside the model's vocabulary \\(0..{vocab - 1}\\)"):
+            attribute(torch.tensor([[5, bad, 7]]))
+
+
+def test_a_regression_head_is_refused():
+    model = tiny_classifier("bert")
+    model.config.num_labels = 1
+    with pytest.raises(AttAttrError, match="regression head"):
+        AttentionAttribution(model)
+
+
+def test_dtype_names_and_inference_mode_give_the_same_scores():
+    """A dtype may be named; a caller's torch.inference_mode (whose tensors autograd may not keep) changes nothing."""
+    model = tiny_classifier("bert")
+    ids, mask, types = padded_batch(model, [6, 4])
+    aa = AttentionAttribution(model)
+    plain = aa.attribute(ids, mask, types, n_steps=3, backend="torch", dtype=torch.float16)
+    named = aa.attribute(ids, mask, types, n_steps=3, backend="torch", dtype="float16")
+    assert torch.equal(named.attributions, plain.attributions)
+    exact = aa.attribute(ids, mask, types, n_steps=3, backend="torch")
+    expected = reference.attribute(model, ids, mask, types, n_steps=3)
+    with torch.inference_mode():
+        inputs = [t.clone() for t in (ids, mask, types)]  # inference tensors
+        engine_scores = aa.attribute(*inputs, n_steps=3, backend="torch")
+        reference_scores = reference.attribute(model, *inputs, n_steps=3)
+    assert torch.equal(engine_scores.attributions, exact.attributions)
+    assert torch.equal(reference_scores.attributions, expected.attributions)
 
 
 def test_too_long_and_empty_inputs_raise():

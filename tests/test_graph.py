@@ -470,13 +470,16 @@ def test_cli_images_and_html(hand_results, tmp_path, fmt, magic):
     assert out.read_bytes().startswith(magic)
 
 
-def test_cli_receptive_field(hand_results, tmp_path):
+def test_cli_receptive_field(hand_results, tmp_path, capsys):
     out = tmp_path / "rf.json"
     assert cli("--results", hand_results, "--receptive-field", "--out", out) == 0
     data = json.loads(out.read_text())
     # both examples give the hand-worked graph: layer 0 edges (1←3), (2←1); layer 1 edges (0←1), (0←2)
     assert [layer["histogram"] for layer in data["layers"]] == [{"1": 2, "2": 2}, {"1": 2, "2": 2}]
+    assert [layer["layer"] for layer in data["layers"]] == [0, 1]
     assert cli("--results", hand_results, "--receptive-field", "--out", tmp_path / "rf.png") == 0
+    printed = capsys.readouterr().out  # the layers as the JSON and `attribute` number them
+    assert printed.startswith("layer  0:    4 edges") and "layer  1:    4 edges" in printed, printed
 
 
 def _fails(capsys, *argv, out=None, match=""):
@@ -491,6 +494,13 @@ def _fails(capsys, *argv, out=None, match=""):
 def test_cli_bad_index(hand_results, tmp_path, capsys, index, match):
     _fails(capsys, "--results", hand_results, "--index", index, "--out", tmp_path / "g.png", out=tmp_path / "g.png",
            match=match)
+
+
+@pytest.mark.parametrize("option, value", [("--target", "negative"), ("--steps", "5"), ("--model", "elsewhere"),
+                                           ("--quadrature", "gausslegendre"), ("--text-pair", "b")])
+def test_cli_text_options_do_not_go_with_results(hand_results, tmp_path, capsys, option, value):
+    _fails(capsys, "--results", hand_results, option, value, "--out", tmp_path / "g.png", out=tmp_path / "g.png",
+           match=f"{option} goes with --text")
 
 
 @pytest.mark.parametrize("tau", ["1.5", "abc", "nan", "-0.1", "1"])

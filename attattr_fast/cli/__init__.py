@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 
+from attattr_fast import __version__
 from attattr_fast.errors import AttAttrError
 
 # Every module of attattr_fast.cli with a `register(subparsers)` is a subcommand; these come first.
@@ -35,6 +36,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="attattr-fast", description="Self-attention attribution for BERT-family classifiers.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name in subcommand_modules():
         module = importlib.import_module(f"attattr_fast.cli.{name}")

@@ -31,6 +31,7 @@ def register(sub) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", action="append", help="a text to attribute (repeatable)")
     source.add_argument("--input", help="TSV (with header), CSV or JSONL with columns text[, text_pair][, label], "
+                                        ".txt with one text per line, "
                                         f"or {BUILTIN_SENTIMENT} for the project's labelled review sentences (a "
                                         "file of that name: ./builtin:sentiment)")
     p.add_argument("--text-pair", action="append", help="second segment for each --text (sentence pairs)")
@@ -45,9 +46,10 @@ def register(sub) -> None:
     p.add_argument("--top", default="3", help="strongest interactions per layer to keep and print (default 3)")
     p.add_argument("--out", default=None,
                    help="results directory: new or empty, or the directory of an interrupted run of this command")
-    p.add_argument("--shard-size", default="256", help="examples per shard file (default 256)")
-    p.add_argument("--store-dtype", default="float32", choices=STORE_DTYPES,
-                   help="dtype of the stored attributions, attention and layer sums (float16 halves them)")
+    p.add_argument("--shard-size", default=None, help="with --out: examples per shard file (default 256)")
+    p.add_argument("--store-dtype", default=None, choices=STORE_DTYPES,
+                   help="with --out: dtype of the stored attributions, attention and layer sums (default float32; "
+                        "float16 halves them)")
     p.add_argument("--memory-budget", default="auto",
                    help="memory for one engine call's rows, e.g. 2GiB (default: half the free GPU memory, 1GiB on CPU)")
     p.add_argument("--repair", action="store_true", help="recompute damaged or missing shards of --out")
@@ -110,12 +112,15 @@ def run(args: argparse.Namespace) -> int:
     dtype = common.parse_dtype(args.dtype)
     batch_size = None if args.batch_size == "auto" else common.parse_positive_int(args.batch_size, "--batch-size")
     top = common.parse_positive_int(args.top, "--top")
-    shard_size = common.parse_positive_int(args.shard_size, "--shard-size")
+    if args.out is None:
+        stored_only = [name for name, value in (("--shard-size", args.shard_size), ("--store-dtype", args.store_dtype),
+                                                ("--repair", args.repair or None)) if value is not None]
+        if stored_only:
+            raise AttAttrError(f"{stored_only[0]} needs --out, the results directory it applies to")
+    shard_size = common.parse_positive_int(args.shard_size or "256", "--shard-size")
     budget = parse_size(args.memory_budget, "--memory-budget")
-    store_dtype = {"float32": torch.float32, "float16": torch.float16}[args.store_dtype]
+    store_dtype = {"float32": torch.float32, "float16": torch.float16}[args.store_dtype or "float32"]
     device = common.parse_device(args.device)
-    if args.repair and args.out is None:
-        raise AttAttrError("--repair needs --out, the results directory to repair")
     examples, source = _examples(args)
     common.check_output_path(args.out, "--out", directory=True)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -67,18 +67,30 @@ def check_output_path(value: str | None, option: str, directory: bool = False, i
         raise AttAttrError(f"{option} {value} exists and is not a directory")
     folder = path if directory else path.parent
     if not directory and not folder.is_dir():
-        raise AttAttrError(f"{option}: directory {folder} does not exist")
+        what = "is not a directory" if folder.exists() else "does not exist"
+        raise AttAttrError(f"{option} {value}: {folder} {what}")
     while not folder.exists():
         folder = folder.parent
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+    if not folder.is_dir() or not _can_create_in(folder):
         raise AttAttrError(f"{option} {value}: cannot write in {folder}")
     return path
 
 
+def _can_create_in(folder: Path) -> bool:
+    """Whether a file can be made in `folder`, tried (permission bits do not tell for root or read-only mounts)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
 def parse_layers(value: str | None, n_layers: int) -> list[int] | None:
     """'0,3,5', '2-5' or a mix; checked against the model's layer count."""
-    if value is None or value.strip().lower() in ("", "all"):
+    if value is None or value.strip().lower() == "all":
         return None
+    if not value.strip():
+        raise AttAttrError("--layers is empty; leave it out (or say 'all') for every layer")
     layers: list[int] = []
     for part in (p.strip() for p in value.split(",")):
         bounds = part.split("-", 1) if "-" in part[1:] else [part, part]

@@ -34,9 +34,9 @@ def register(sub) -> None:
     p.add_argument("--format", default=None, help="png, svg, html or json (default: from --out, else png)")
     p.add_argument("--out", default=None, help="file to write (default graph-<index>.<format> / graph.<format>)")
     common.add_model_options(p)
-    p.add_argument("--steps", default="20", help="with --text: quadrature steps (default 20)")
-    p.add_argument("--quadrature", default="riemann_right", help="with --text: quadrature rule (default riemann_right)")
-    p.add_argument("--target", default="predicted", help="with --text: predicted (default) or a label name")
+    p.add_argument("--steps", default=None, help="with --text: quadrature steps (default 20)")
+    p.add_argument("--quadrature", default=None, help="with --text: quadrature rule (default riemann_right)")
+    p.add_argument("--target", default=None, help="with --text: predicted (default) or a label name")
     p.set_defaults(func=run)
 
 
@@ -66,8 +66,12 @@ def _options(args) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.text_pair is not None and args.text is None:
-        raise AttAttrError("--text-pair needs --text")
+    if args.text is None:  # the results directory fixes the model, the target and the quadrature
+        given = [name for name, value in (("--text-pair", args.text_pair), ("--model", args.model),
+                                          ("--steps", args.steps), ("--quadrature", args.quadrature),
+                                          ("--target", args.target)) if value is not None]  # fmt: skip
+        if given:
+            raise AttAttrError(f"{given[0]} goes with --text; --results draws what the results directory holds")
     options = _options(args)
     if args.receptive_field:
         if args.index is not None:
@@ -102,7 +106,8 @@ def _load_records(directory: str):
 
     results = load_results(directory)
     if len(results) == 0:
-        raise AttAttrError(f"{directory} holds no examples")
+        raise AttAttrError(f"{directory} holds no finished examples (an interrupted run resumes with the same "
+                           "`attattr-fast attribute` command)")
     return results
 
 
@@ -147,20 +152,21 @@ def _from_text(args, per_head: bool) -> dict:
 
     if not args.text.strip():
         raise AttAttrError("--text is empty")
-    steps = common.parse_positive_int(args.steps, "--steps")
-    if args.quadrature not in QUADRATURE:
-        raise AttAttrError(f"--quadrature: unknown rule {args.quadrature!r}; choose one of {', '.join(QUADRATURE)}")
+    steps = common.parse_positive_int(args.steps or "20", "--steps")
+    quadrature = args.quadrature or "riemann_right"
+    if quadrature not in QUADRATURE:
+        raise AttAttrError(f"--quadrature: unknown rule {quadrature!r}; choose one of {', '.join(QUADRATURE)}")
     device = common.parse_device(args.device)
     model, tokenizer = common.load_model(args.model, device)
     aa = AttentionAttribution(model)
     config = aa.adapter.config
     target = None
-    if args.target != "predicted":
+    if args.target not in (None, "predicted"):
         target = label_index(args.target, dict(getattr(config, "label2id", {}) or {}), aa.adapter.num_labels)
     max_length = model_max_length(tokenizer, aa.adapter.max_length)
     enc = encode(tokenizer, [args.text], [args.text_pair], max_length=max_length)
     res = aa.attribute(enc.input_ids, enc.attention_mask, enc.token_type_ids, target=target, n_steps=steps,
-                       method=args.quadrature, output="full" if per_head else "reduced")  # fmt: skip
+                       method=quadrature, output="full" if per_head else "reduced")  # fmt: skip
     t = int(res.target[0])
     return {"index": 0, "sep_token": tokenizer.sep_token,
             "tokens": enc.tokens[0], "text": args.text, "text_pair": args.text_pair, "target": t,
@@ -205,7 +211,7 @@ def _write_graph(example: dict, options: dict, out: Path, fmt: str) -> int:
     edges = attention_edges(graph)
     print(f"[{example['index']}] {prediction}: {graph.number_of_nodes()} nodes, {len(edges)} attention edges")
     for layer, i, j, weight in sorted(edges, key=lambda e: (-e[0], -e[3])):
-        print(f"  layer {layer + 1:>2}: {tokens[j]}@{j} → {tokens[i]}@{i}  {weight:+.4g}")
+        print(f"  layer {layer:>2}: {tokens[j]}@{j} → {tokens[i]}@{i}  {weight:+.4g}")
     print(f"wrote {out}", file=sys.stderr)
     return 0
 
@@ -232,7 +238,7 @@ def _receptive_field(args, options: dict) -> int:
     else:
         payload = graph_draw.render_figure(graph_draw.receptive_field_figure(field), fmt)
     graph_draw.write_atomic(out, payload)
-    for layer, (mean, distances) in enumerate(zip(field.mean(), field.distances), start=1):
+    for layer, (mean, distances) in enumerate(zip(field.mean(), field.distances)):
         shown = "-" if mean is None else f"{mean:.2f}"
         print(f"layer {layer:>2}: {len(distances):>4} edges, mean |i-j| {shown}")
     print(f"wrote {out}", file=sys.stderr)

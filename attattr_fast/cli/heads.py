@@ -45,15 +45,15 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def parse_kinds(value: str) -> list[str]:
+def parse_kinds(value: str, option: str = "--kinds") -> list[str]:
     from attattr_fast.heads import KINDS
 
     kinds = [k.strip() for k in value.split(",") if k.strip()]
     bad = [k for k in kinds if k not in KINDS]
     if not kinds or bad:
-        raise AttAttrError(f"--kinds: unknown kind {bad[0] if bad else value!r}; choose from {', '.join(KINDS)}")
+        raise AttAttrError(f"{option}: unknown kind {bad[0] if bad else value!r}; choose from {', '.join(KINDS)}")
     if len(set(kinds)) != len(kinds):
-        raise AttAttrError(f"--kinds: duplicates in {value!r}")
+        raise AttAttrError(f"{option}: duplicates in {value!r}")
     return kinds
 
 

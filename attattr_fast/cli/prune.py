@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     from attattr_fast.results import atomic_write_bytes
 
     kinds = parse_kinds(args.kinds)
-    layer_kinds = parse_kinds(args.layer_kinds) if args.layer_plot is not None else []
+    layer_kinds = parse_kinds(args.layer_kinds, "--layer-kinds") if args.layer_plot is not None else []
     fractions = tuple(parse_fraction(f.strip(), "--fractions") for f in args.fractions.split(",") if f.strip())
     if not fractions:
         raise AttAttrError("--fractions is empty")

@@ -61,7 +61,8 @@ def register(sub) -> None:
 
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", required=True,
-                        help=f"TSV/CSV/JSONL with text[, text_pair][, label], or {BUILTIN_SENTIMENT} for the "
+                        help=f"TSV/CSV/JSONL with text[, text_pair][, label], .txt (one text per line), or "
+                             f"{BUILTIN_SENTIMENT} for the "
                              "project's labelled review sentences (a file of that name: ./builtin:sentiment)")
     parser.add_argument("--slice", default=None,
                         help="a Python slice of the examples, e.g. '0::2' (even ones) or ':100' (default: all)")
