@@ -447,6 +447,10 @@ class Results(Sequence):
         if self.manifest.get("format_version") != FORMAT_VERSION:
             raise AttAttrError(f"{self.dir} is in results format {self.manifest.get('format_version')}; "
                                f"this version reads format {FORMAT_VERSION}")  # fmt: skip
+        if not self.complete:  # a running or interrupted run refreshes its manifest only now and then
+            shards = {entry["name"]: entry for entry in self.manifest["shards"]}
+            shards.update(read_commits(self.dir)[0])  # every shard with a commit is finished
+            self.manifest["shards"] = [shards[name] for name in sorted(shards)]
         self.verify = verify
         self._where: dict[int, tuple[int, int]] = {}
         for s, shard in enumerate(self.manifest["shards"]):

@@ -185,9 +185,9 @@ def device_work(prof, device) -> list[tuple[str, float, float]]:
     """(name, start µs, µs) of what ran on the device: the GPU's kernels, copies and fills; on the CPU, each aten
     op's own time (its children's excluded, so nothing counts twice) under the name of the outermost aten op it ran
     in (addmm's copy of its bias is matrix-product time, attention's zeroed buffers attention time)."""
-    if device.type == "cuda":
+    if device.type == "cuda":  # not the phases' own ranges, which the GPU trace repeats as user annotations
         return [(e.name, e.time_range.start, e.time_range.elapsed_us()) for e in prof.events()
-                if e.device_type == torch.autograd.DeviceType.CUDA]
+                if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith(PHASE_MARK)]
     work = []
     for e in prof.events():
         if e.name.startswith("aten::") and e.device_type == torch.autograd.DeviceType.CPU:
@@ -219,7 +219,7 @@ def phase_case(call, device) -> dict:
         call()
         common.synchronize(device)
     windows = sorted((e.time_range.start, e.time_range.end, e.name[len(PHASE_MARK):]) for e in prof.events()
-                     if e.name.startswith(PHASE_MARK))
+                     if e.name.startswith(PHASE_MARK) and e.device_type == torch.autograd.DeviceType.CPU)
     starts = [w[0] for w in windows]
     window_us, busy_us = defaultdict(float), defaultdict(float)
     by_category = defaultdict(lambda: defaultdict(float))

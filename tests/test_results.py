@@ -196,6 +196,10 @@ def test_incomplete_directory_reads_what_is_there(tmp_path, caplog):
         res = load_results(out)
     assert "incomplete run, 2 of 5 examples present" in caplog.text
     assert not res.complete and [r.index for r in res] == [2, 3]
+    # a shard finished after the manifest's last refresh (a run refreshes it every few seconds) is read too
+    write_shard(out, "shard-00000", [make_record(i, 4) for i in PLAN[0]])
+    res = load_results(out)
+    assert not res.complete and [r.index for r in res] == [*PLAN[0], 2, 3] and res[0].index == PLAN[0][0]
 
 
 @pytest.mark.parametrize("setup, message", [
