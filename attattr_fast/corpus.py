@@ -32,7 +32,7 @@ from attattr_fast.api import AttentionAttribution
 from attattr_fast.datasets import Example, label_index
 from attattr_fast.distributed import DistContext, assign
 from attattr_fast.errors import AttAttrError
-from attattr_fast.inputs import check_options
+from attattr_fast.inputs import as_dtype, check_options
 from attattr_fast.results import Record
 from attattr_fast.text import Encoded, encode, model_max_length
 
@@ -267,6 +267,8 @@ def _planner(aa: AttentionAttribution, options: dict[str, Any], top_k: int, memo
     n_steps = options.get("n_steps", 20)
     output = options.get("output", "full")
     alphas, _ = check_options(method, n_steps, output, options.get("dtype"), None, top_k)
+    if options.get("dtype") is not None:  # a name, as `attribute` takes it, becomes the dtype for every later use
+        options["dtype"] = as_dtype(options["dtype"])
     layers = options.get("layers")
     layers = list(range(aa.adapter.n_layers)) if layers is None else list(layers)
     if memory_budget is not None and memory_budget < 1:

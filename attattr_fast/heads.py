@@ -432,10 +432,12 @@ def layer_effectiveness(
 
     Returns {"accuracy": {kind: {"largest_first": [L][H + 1], "smallest_first": [L][H + 1]}},
              "gold_probability": {the same layout}}: entry [l][k] with the k heads of layer l with the
-    largest (smallest) score gated and every other layer intact.
+    largest (smallest) score gated and every other layer intact. An adapter's own gates stay: heads it gates are
+    gated in every entry.
     """
     adapter, input_ids, labels, key_mask, types = _prepared(model, input_ids, labels, attention_mask, token_type_ids)
     n_layers, n_heads = adapter.n_layers, adapter.n_heads
+    base = adapter.head_gates.float()
     plans: dict[tuple, int] = {}  # identical gate settings (k = 0, k = H, ties) are evaluated once
     configs: list[tuple[int, Tensor]] = []
     slots: dict[str, dict[str, list[list[int]]]] = {}
@@ -448,7 +450,7 @@ def layer_effectiveness(
                 order = torch.sort(s[layer].float().cpu(), descending=descending, stable=True).indices
                 row = []
                 for k in range(n_heads + 1):
-                    gates = torch.ones(n_heads)
+                    gates = base[layer].clone()
                     gates[order[:k]] = 0.0
                     key = (layer, *gates.tolist())
                     if key not in plans:

@@ -155,7 +155,8 @@ def attribute(
                 for alpha, weight in zip(alphas, weights):
                     scaled = (float(alpha) * probs).requires_grad_(True)
                     _current.layer, _current.matrix = layer, scaled
-                    (grad,) = torch.autograd.grad(_probability(model, ids, types, t), scaled)
+                    with torch.enable_grad():  # whatever grad mode the caller is in
+                        (grad,) = torch.autograd.grad(_probability(model, ids, types, t), scaled)
                     grad_sum += float(weight) * grad.double()
                 _current.layer, _current.matrix = layer, torch.zeros_like(probs)
                 with torch.no_grad():

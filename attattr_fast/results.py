@@ -133,13 +133,15 @@ def encode_wide(value: Tensor, store_dtype: torch.dtype) -> tuple[Tensor, int]:
         return value.to(store_dtype), 0
     largest = float(value.abs().max()) if value.numel() else 0.0
     shift = 0 if largest == 0.0 or not math.isfinite(largest) else 15 - math.frexp(largest)[1]
-    return torch.ldexp(value.float(), torch.tensor(float(shift))).to(torch.float16), shift
+    # in float64: for values near float32's smallest, 2**shift itself exceeds float32's range
+    return torch.ldexp(value.double(), torch.tensor(float(shift), dtype=torch.float64)).to(torch.float16), shift
 
 
 def decode_wide(value: Tensor, shift: int) -> Tensor:
     """float32 values of a stored wide tensor (multiplying by a power of two is exact)."""
-    value = value.float()
-    return torch.ldexp(value, torch.tensor(float(-shift))) if shift else value
+    if not shift:
+        return value.float()
+    return torch.ldexp(value.double(), torch.tensor(float(-shift), dtype=torch.float64)).float()
 
 
 def write_shard(directory: str | Path, name: str, records: list[Record], store_dtype: torch.dtype = torch.float32,

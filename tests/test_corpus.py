@@ -20,7 +20,7 @@ import torch
 
 from attattr_fast import AttentionAttribution, engine, load_classifier, load_results
 from attattr_fast.cli import main
-from attattr_fast.corpus import ChunkPlanner, plan_shards, prepare, resolve_targets, run_corpus
+from attattr_fast.corpus import ChunkPlanner, attribute_corpus, plan_shards, prepare, resolve_targets, run_corpus
 from attattr_fast.errors import AttAttrError
 
 from conftest import WORDS
@@ -381,6 +381,15 @@ def prepared(tiny_model_dir, corpus_file):
 def run_library(aa, corpus, targets, out, **kwargs):
     meta = {"model": {"name": "tiny", "sha256": "x"}, "input": {"sha256": "y", "n_examples": len(corpus.examples)}}
     return run_corpus(aa, corpus, targets, out, meta, shard_size=SHARD, top_k=3, progress=False, n_steps=3, **kwargs)
+
+
+def test_corpus_runs_take_dtype_names_like_attribute(prepared):
+    aa, corpus, targets = prepared
+    named = list(attribute_corpus(aa, corpus, targets, n_steps=2, dtype="bfloat16", output="reduced", progress=False))
+    typed = list(attribute_corpus(aa, corpus, targets, n_steps=2, dtype=torch.bfloat16, output="reduced",
+                                  progress=False))  # fmt: skip
+    assert len(named) == len(corpus.examples)
+    assert all(torch.equal(a.layer_attr, b.layer_attr) for a, b in zip(named, typed))
 
 
 def test_out_of_memory_halves_the_chunk_and_loses_nothing(tmp_path, reference, prepared, monkeypatch, caplog):

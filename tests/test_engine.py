@@ -510,7 +510,8 @@ def test_a_regression_head_is_refused():
 
 
 def test_dtype_names_and_inference_mode_give_the_same_scores():
-    """A dtype may be named; a caller's torch.inference_mode (whose tensors autograd may not keep) changes nothing."""
+    """A dtype may be named; a caller's torch.no_grad or torch.inference_mode (whose tensors autograd may not keep)
+    changes nothing."""
     model = tiny_classifier("bert")
     ids, mask, types = padded_batch(model, [6, 4])
     aa = AttentionAttribution(model)
@@ -525,6 +526,9 @@ def test_dtype_names_and_inference_mode_give_the_same_scores():
         reference_scores = reference.attribute(model, *inputs, n_steps=3)
     assert torch.equal(engine_scores.attributions, exact.attributions)
     assert torch.equal(reference_scores.attributions, expected.attributions)
+    with torch.no_grad():
+        assert torch.equal(aa.attribute(ids, mask, types, n_steps=3, backend="torch").attributions, exact.attributions)
+        assert torch.equal(reference.attribute(model, ids, mask, types, n_steps=3).attributions, expected.attributions)
 
 
 def test_too_long_and_empty_inputs_raise():

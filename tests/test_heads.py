@@ -192,6 +192,16 @@ def test_layer_effectiveness_matches_explicit_gates():
                     assert effect["gold_probability"][kind][direction][layer][k] == pytest.approx(prob, abs=1e-6)
 
 
+def test_layer_effectiveness_keeps_the_adapters_own_gates():
+    model, ids, mask, types, labels = _batch("bert", lengths=tuple(range(3, 11)), labels_from_model=True)
+    adapter = adapter_for(model)
+    adapter.head_gates[1, 2] = 0.0  # pruned before the analysis
+    effect = heads.layer_effectiveness(adapter, {"a": torch.rand(3, 4)}, ids, labels, mask, types, batch_size=4)
+    gated = heads.accuracy(adapter, ids, labels, mask, types)
+    for layer in range(3):  # no head of the layer taken off: the gated model itself, in every layer
+        assert effect["accuracy"]["a"]["largest_first"][layer][0] == pytest.approx(gated, abs=1e-6)
+
+
 def test_split_is_disjoint_and_stratified():
     labels = [0] * 30 + [1] * 10 + [2] * 20
     first, rest = heads.split_indices(labels, 30, seed=4)

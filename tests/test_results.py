@@ -98,6 +98,19 @@ def test_float16_store_and_reduced_records(tmp_path):
     assert size["f16"] < 0.6 * size["f32"]
 
 
+def test_float16_store_keeps_values_near_float32s_smallest():
+    """The scale 2**shift exceeds float32's range below about 1e-34; the values must stay finite and exact to
+    float16's 11 bits (a vanished gradient of a very confident classifier)."""
+    from attattr_fast.results import decode_wide, encode_wide
+
+    for largest in (1e-3, 1e-34, 1e-36, 1e-40):
+        value = torch.tensor([largest, 0.0, -largest / 3])
+        stored, shift = encode_wide(value, torch.float16)
+        back = decode_wide(stored, shift)
+        assert torch.isfinite(back).all() and back[1] == 0, (largest, back)
+        assert ((back - value).abs() <= 2**-11 * largest).all(), (largest, back)
+
+
 def test_reader_is_lazy_and_checks_only_the_shards_it_touches(tmp_path, monkeypatch):
     records = [make_record(i, n=4) for i in range(12)]
     writer = ResultsWriter(tmp_path / "res", META, shard_size=2)
