@@ -265,15 +265,16 @@ class Pattern:
 
 
 def _select(candidates: list[tuple[float, int, int, int, int]], blocked: Sequence[bool], entries: int,
-            max_tokens: int) -> list[tuple[float, int, int, int, int]]:
-    """The `entries` strongest distinct (i, j) with a positive score, no blocked position, ≤ max_tokens tokens.
+            max_tokens: int, positive_only: bool = True) -> list[tuple[float, int, int, int, int]]:
+    """The `entries` strongest distinct (i, j) with no blocked position, ≤ max_tokens tokens, and (with
+    `positive_only`) a positive score.
 
     candidates: (score, layer, head, i, j), already in priority order (strongest first).
     """
     chosen, seen, positions = [], set(), set()
     for cand in candidates:
         score, _, _, i, j = cand
-        if len(chosen) == entries or not score > 0:
+        if len(chosen) == entries or (positive_only and not score > 0):
             break
         if (i, j) in seen or blocked[i] or blocked[j]:
             continue
@@ -330,14 +331,15 @@ def head_entries(
     max_tokens: int = MAX_PATTERN_TOKENS,
 ) -> list[Entry]:
     """The top `entries` entries of one head's attribution matrix head_attr [n, n] (real tokens only),
-    strongest first (ties: row-major order), skipping blocked positions and entries past max_tokens."""
+    strongest first (ties: row-major order), skipping blocked positions and entries past max_tokens; of any sign,
+    as the authors' script takes its head's top entries."""
     n = head_attr.shape[-1]
     flat = head_attr.reshape(-1).float()
     order = torch.sort(flat, descending=True, stable=True).indices.tolist()
     values = flat.tolist()
     candidates = [(values[k], layer, head, k // n, k % n) for k in order]
     return [Entry(layer=layer, head=head, query=c[3], key=c[4], score=float(c[0]))
-            for c in _select(candidates, blocked, entries, max_tokens)]  # fmt: skip
+            for c in _select(candidates, blocked, entries, max_tokens, positive_only=False)]  # fmt: skip
 
 
 def pattern_from_entries(

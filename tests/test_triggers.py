@@ -149,9 +149,14 @@ def test_release_mode_head_and_its_top_entries():
     assert [e.score for e in got] == [pytest.approx(0.8), pytest.approx(0.6)]
     got = head_entries(m, 4, 2, blocked=[True, False, False, False], entries=2)
     assert [(e.query, e.key) for e in got] == [(2, 2), (3, 1)]
-    # Two tokens at most: after (2,2) every positive entry would add two positions → only one entry.
+    # Two tokens at most: after (2,2) every positive entry would add two positions; the first that adds one is
+    # (0,0), a zero: the head's top entries are taken whatever their sign, as the authors' script does.
     got = head_entries(m, 4, 2, blocked=[False] * 4, entries=2, max_tokens=2)
-    assert [(e.query, e.key) for e in got] == [(2, 2)]
+    assert [(e.query, e.key, e.score) for e in got] == [(2, 2, pytest.approx(0.8)), (0, 0, 0.0)]
+    only_one_positive = -(m + 0.05)
+    only_one_positive[0, 0] = 0.5
+    got = head_entries(only_one_positive, 4, 2, blocked=[False] * 4, entries=2)
+    assert [(e.query, e.key, e.score) for e in got] == [(0, 0, 0.5), (0, 2, pytest.approx(-0.05))]
 
 
 def test_merge_counts_keeps_best_occurrence_and_ranks():
