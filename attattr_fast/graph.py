@@ -26,8 +26,13 @@ with published figures. It differs from `attribution_graph` in these ways:
   lowest height present, so they can be negative). The node's `layer` is the layer whose matrix
   linked it (the root: L−1), which is what `graph_draw` uses for a readable picture;
 - generalisation: the script hard-codes 12 layers; here L comes from the input. Ties for the root go
-  to the lowest position, and a layer whose normalising maximum is 0 passes nothing (the script
-  would divide by zero).
+  to the lowest position, a layer whose normalising maximum is 0 passes nothing (the script
+  would divide by zero), and with no token of positive summed attribution the tree is empty (the
+  script would still pick a root).
+
+`attribution_graph` follows the rules of the project's graph issue, its precise reading of Algorithm 1 (a
+candidate pair already linked by an attention edge, in this or a higher layer, is skipped even if that edge is
+later pruned for not reaching [CLS]); the tree of the released script is the other reading.
 
 Faithfulness (`graph_faithfulness`) runs the model through its adapter with the graph's attention
 entries set to zero (every head of that layer at (i, j)) and compares the drop of the target
