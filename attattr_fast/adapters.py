@@ -140,7 +140,12 @@ class EncoderAdapter:
 
     @property
     def max_length(self) -> int:
-        return int(self.config.max_position_embeddings)
+        return self.max_length_of(self.config)
+
+    @staticmethod
+    def max_length_of(config) -> int:
+        """The longest input a model of this family with `config` takes."""
+        return int(config.max_position_embeddings)
 
     def weights(self, dtype: torch.dtype | None = None) -> Weights:
         """Detached weights in `dtype` (default: the model's own; no copy in that case)."""
@@ -269,9 +274,9 @@ class RobertaAdapter(EncoderAdapter):
         out_w, out_b = _linear(self.model.classifier.out_proj)
         return {"dense_w": dense_w, "dense_b": dense_b, "out_w": out_w, "out_b": out_b}
 
-    @property
-    def max_length(self) -> int:
-        return int(self.config.max_position_embeddings) - int(self.config.pad_token_id) - 1
+    @staticmethod
+    def max_length_of(config) -> int:  # positions start after the padding index
+        return int(config.max_position_embeddings) - int(config.pad_token_id) - 1
 
     def embed(self, input_ids: Tensor, token_type_ids: Tensor | None, attention_mask: Tensor | None,
               dtype: torch.dtype | None = None) -> Tensor:
@@ -324,13 +329,26 @@ def supported_families() -> list[str]:
     return sorted(_ADAPTERS)
 
 
+def adapter_class(model: torch.nn.Module) -> type[EncoderAdapter]:
+    """The adapter class for `model`'s class; an `UnsupportedModelError` naming the supported classes otherwise."""
+    for cls in type(model).__mro__:
+        if cls.__name__ in _ADAPTERS:
+            return _ADAPTERS[cls.__name__]
+    raise UnsupportedModelError(
+        f"unsupported model {type(model).__name__}; supported: {', '.join(supported_families())}"
+    )
+
+
 def adapter_for(model: torch.nn.Module) -> EncoderAdapter:
     """The adapter of `model`; an `UnsupportedModelError` naming the supported classes otherwise."""
     if isinstance(model, EncoderAdapter):
         return model
-    for cls in type(model).__mro__:
-        if cls.__name__ in _ADAPTERS:
-            return _ADAPTERS[cls.__name__](model)
-    raise UnsupportedModelError(
-        f"unsupported model {type(model).__name__}; supported: {', '.join(supported_families())}"
-    )
+    return adapter_class(model)(model)
+
+
+def max_length(model: torch.nn.Module) -> int:
+    """The longest input `model` takes, without building its adapter (which a model pruned to different head
+    counts per layer cannot have: it still trains and predicts)."""
+    if isinstance(model, EncoderAdapter):
+        return model.max_length
+    return adapter_class(model).max_length_of(model.config)

@@ -246,7 +246,7 @@ class Pattern:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Pattern:
         try:
-            return cls(
+            pattern = cls(
                 label=int(data["label"]),
                 token_ids=tuple(int(t) for t in data["token_ids"]),
                 tokens=tuple(str(t) for t in data["tokens"]),
@@ -260,8 +260,15 @@ class Pattern:
                 count=int(data.get("count", 1)),
                 sources=[int(s) for s in data.get("sources", [])],
             )
+            per_token = (pattern.token_ids, pattern.tokens, pattern.segments, pattern.rel_positions, pattern.special,
+                         pattern.positions)  # fmt: skip
+            if len({len(values) for values in per_token}) != 1:
+                raise ValueError("its per-token lists differ in length")
+            if any(r is None and not special for r, special in zip(pattern.rel_positions, pattern.special)):
+                raise ValueError("a token that is not special has no relative position")
         except (KeyError, TypeError, ValueError) as exc:
             raise AttAttrError(f"malformed pattern ({exc.__class__.__name__}: {exc})") from None
+        return pattern
 
 
 def _select(candidates: list[tuple[float, int, int, int, int]], blocked: Sequence[bool], entries: int,
@@ -897,7 +904,8 @@ def evaluate(
     """
     from tqdm.auto import tqdm
 
-    from attattr_fast.adapters import adapter_for
+    from attattr_fast.adapters import EncoderAdapter, adapter_class
+    from attattr_fast.adapters import max_length as longest_input
     from attattr_fast.text import encode, model_max_length
 
     _check_int(top_k, "top_k", 1)
@@ -905,20 +913,22 @@ def evaluate(
     _check_int(batch_size, "batch_size", 1)
     if not examples:
         raise AttAttrError("no examples to evaluate on")
-    adapter = adapter_for(model)
-    config = adapter.config
+    # the model only predicts here: no adapter (a model pruned to different head counts per layer has none)
+    model = model.model if isinstance(model, EncoderAdapter) else model
+    adapter_class(model)  # a supported family
+    config = model.config
+    n_classes = int(config.num_labels)
     label2id = dict(getattr(config, "label2id", {}) or {})
     missing = [i for i, e in enumerate(examples) if e.label is None]
     if missing:
         raise AttAttrError(f"example {missing[0]} has no label; evaluation needs gold labels")
-    gold = torch.tensor([label_index(e.label, label2id, adapter.num_labels) for e in examples])
-    n_classes = adapter.num_labels
+    gold = torch.tensor([label_index(e.label, label2id, n_classes) for e in examples])
     labels = [str(dict(getattr(config, "id2label", {}) or {}).get(c, c)) for c in range(n_classes)]
     if patterns.labels and patterns.labels != labels:
         raise AttAttrError(f"the patterns are for classes {patterns.labels}, the model has {labels}")
     _check_vocabulary(patterns, tokenizer)
 
-    max_length = model_max_length(tokenizer, adapter.max_length)
+    max_length = model_max_length(tokenizer, longest_input(model))
     enc = encode(tokenizer, [e.text for e in examples], [e.text_pair for e in examples], max_length=max_length)
     lengths = enc.attention_mask.sum(1).tolist()
     clean = [(enc.input_ids[b, :m].tolist(), enc.token_type_ids[b, :m].tolist()) for b, m in enumerate(lengths)]

@@ -121,6 +121,21 @@ def test_finetune_cli_saves_a_loadable_model(capsys, tmp_path, tiny_model_dir):
     assert f"held-out accuracy {100 * log['epochs'][-1]['eval_accuracy']:.1f}%" in stdout.splitlines()[-1]
 
 
+def test_finetune_cli_keeps_the_class_order_of_a_head_it_keeps(capsys, tmp_path, tiny_model_dir):
+    """The tiny model's head names its classes negative, positive; data that orders them otherwise must be mapped
+    onto that head, not rename its classes (the trained weights stay)."""
+    train = tmp_path / "train.tsv"
+    train.write_text("text\tlabel\n" + "".join(f"film {i}\t{('negative', 'positive')[i % 2]}\n" for i in range(8)))
+    out = tmp_path / "tuned"
+    code = main(["finetune", "--model", str(tiny_model_dir), "--train", str(train), "--labels", "positive,negative",
+                 "--out", str(out), "--epochs", "1", "--lr", "1e-12"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    before, _ = load_classifier(tiny_model_dir)
+    after, _ = load_classifier(out)
+    assert after.config.id2label == before.config.id2label == {0: "negative", 1: "positive"}
+    torch.testing.assert_close(after.classifier.weight, before.classifier.weight)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--lr", "fast"], "--lr: 'fast' is not a number"),
     (["--epochs", "0"], "--epochs must be a positive integer"),

@@ -80,6 +80,27 @@ def test_saved_pruned_model_loads_with_load_classifier(tmp_path, tiny_model_dir,
         save_classifier(pruned, tokenizer, path)
 
 
+def test_an_unevenly_pruned_model_still_fine_tunes_and_takes_trigger_evaluation(capsys, tmp_path, tiny_model_dir):
+    """Neither command attributes, so neither needs the adapter that such a model cannot have."""
+    from attattr_fast.triggers import Extraction, Pattern, save_patterns
+
+    model, tokenizer = load_classifier(tiny_model_dir)
+    path = save_classifier(prune_heads(model, UNEQUAL), tokenizer, tmp_path / "pruned")
+    data = _labelled_tsv(tmp_path / "data.tsv")
+    assert main(["finetune", "--model", str(path), "--train", str(data), "--out", str(tmp_path / "tuned"),
+                 "--epochs", "1"]) == 0, capsys.readouterr().err  # fmt: skip
+    assert current_heads(load_classifier(tmp_path / "tuned")[0]) == [[0, 2], [], [0, 1, 2, 3]]
+    word = tokenizer.convert_tokens_to_ids("awful")
+    pattern = Pattern(label=1, token_ids=(word,), tokens=("awful",), segments=(0,), rel_positions=(0.5,),
+                      special=(False,), positions=(3,), score=1.0, source=0, sources=[0])  # fmt: skip
+    save_patterns(Extraction(labels=["negative", "positive"], patterns={1: [pattern]}, n_examples=1,
+                             n_without_pattern=0), tmp_path / "patterns.json")  # fmt: skip
+    code = main(["triggers", "evaluate", "--model", str(path), "--patterns", str(tmp_path / "patterns.json"),
+                 "--input", str(data), "--out", str(tmp_path / "attack.json")])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "attack.json").exists()
+
+
 def test_equally_pruned_model_attributes_like_the_gated_model():
     model = sharpen(tiny_classifier("bert"))
     ids, mask, types = padded_batch(model, [6, 4], pair_at=2)

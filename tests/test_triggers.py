@@ -5,6 +5,7 @@ end-to-end checks on a tiny random BERT compare against a brute-force search of 
 attributions.
 """
 
+import copy
 import json
 import math
 
@@ -190,6 +191,15 @@ def test_patterns_file_round_trip(tmp_path):
     (tmp_path / "bad.json").write_text('{"format": "something else"}')
     with pytest.raises(AttAttrError):
         load_patterns(tmp_path / "bad.json")
+    # hand-edited per-token lists must still describe the same tokens
+    saved = json.loads((tmp_path / "p.json").read_text())
+    for field, value, message in (("positions", [0, 1, 5, 9], "differ in length"),
+                                  ("rel_positions", [None, None, 0.25], "no relative position")):
+        edited = copy.deepcopy(saved)
+        edited["patterns"]["1"][0][field] = value
+        (tmp_path / "edited.json").write_text(json.dumps(edited))
+        with pytest.raises(AttAttrError, match=f"malformed pattern .*{message}"):
+            load_patterns(tmp_path / "edited.json")
 
 
 # ------------------------------------------------------------------------------------------- insertion

@@ -49,7 +49,7 @@ def _float(value: str, option: str) -> float:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from attattr_fast.adapters import adapter_for
+    from attattr_fast import adapters
     from attattr_fast.finetune import FinetuneConfig, finetune
     from attattr_fast.glue import class_indices, label_set, read_task
     from attattr_fast.heads import encode_labelled
@@ -84,10 +84,11 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(config.seed)  # the new head's initialisation
     source = args.model if args.model is not None else str(builtin_model_path())
     model, tokenizer = load_classifier(source, num_labels=len(labels))
+    labels, names = _in_the_heads_order(model.config, labels, names)
     model.config.id2label = dict(enumerate(names))
     model.config.label2id = {name: i for i, name in enumerate(names)}
     model.to(device)
-    limit = model_max_length(tokenizer, adapter_for(model).max_length)
+    limit = model_max_length(tokenizer, adapters.max_length(model))
     if config.max_length > limit:
         print(f"attattr-fast: note: --max-length {config.max_length} is more than the model takes; using {limit}",
               file=sys.stderr)  # fmt: skip
@@ -118,3 +119,13 @@ def run(args: argparse.Namespace) -> int:
     save_classifier(model.cpu(), tokenizer, out, extra_files={"finetune.json": json.dumps(log, indent=1)})
     print(f"saved to {out}", file=sys.stderr)
     return 0
+
+
+def _in_the_heads_order(config, labels: tuple[str, ...], names: tuple[str, ...]):
+    """(labels, names) in the class order of a kept head that already names these classes (a classifier trained
+    on them: its weights stay, so its order must); otherwise as given (a new head, or other class names)."""
+    current = [str((config.id2label or {}).get(i, "")) for i in range(int(config.num_labels))]
+    if sorted(current) != sorted(names) or current == list(names):
+        return labels, names
+    order = [names.index(name) for name in current]
+    return tuple(labels[k] for k in order), tuple(names[k] for k in order)

@@ -18,7 +18,9 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", default=None,
                    help="labelled examples (default: the package's 48 built-in sentiment sentences)")
     p.add_argument("--task", default="generic", help=TASK_HELP)
-    p.add_argument("--max-examples", default=None, help="use only the first N examples of --input")
+    p.add_argument("--max-examples", default=None,
+                   help="use only the first N examples of each input file (--input, and --compare-input or "
+                        "--eval-input)")
 
 
 def add_importance_options(p: argparse.ArgumentParser, default_kinds: str) -> None:

@@ -145,9 +145,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     top = common.parse_positive_int(args.top, "--top")
     try:
         draws = int(args.control_draws)
-        seed = int(args.seed)
     except ValueError:
-        raise AttAttrError("--control-draws and --seed must be integers") from None
+        raise AttAttrError("--control-draws must be an integer") from None
+    seed = common.parse_seed(args.seed)
     if draws < 0:
         raise AttAttrError(f"--control-draws must be 0 or more, got {draws}")
     batch_size = common.parse_positive_int(args.batch_size, "--batch-size")
