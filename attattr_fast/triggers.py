@@ -926,6 +926,10 @@ def evaluate(
     labels = [str(dict(getattr(config, "id2label", {}) or {}).get(c, c)) for c in range(n_classes)]
     if patterns.labels and patterns.labels != labels:
         raise AttAttrError(f"the patterns are for classes {patterns.labels}, the model has {labels}")
+    foreign = sorted(c for c, found in patterns.patterns.items() if found and not 0 <= c < n_classes)
+    if foreign:
+        raise AttAttrError(f"the patterns file holds patterns of class {foreign[0]}; the model has classes "
+                           f"0..{n_classes - 1}")
     _check_vocabulary(patterns, tokenizer)
 
     max_length = model_max_length(tokenizer, longest_input(model))

@@ -188,6 +188,8 @@ def test_prune_cli_curves_figures_and_saved_model(capsys, tmp_path, tiny_model_d
     (["--seed", "-1"], "--seed must be an integer in [0, 2^63)"),
     (["--seed", "²"], "--seed must be an integer in [0, 2^63)"),
     (["--plot", "curves.txt"], "name the picture .png, .svg, .pdf"),
+    (["--steps", "0", "--model", "/nonexistent"], "--steps must be a positive integer"),  # checked before loading
+    (["--method", "simpson", "--model", "/nonexistent"], "unknown method 'simpson'"),
 ])  # fmt: skip
 def test_prune_cli_errors_are_one_line_and_write_nothing(capsys, tmp_path, tiny_model_dir, args, message):
     data = _labelled_tsv(tmp_path / "data.tsv", n=16)

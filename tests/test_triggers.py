@@ -357,6 +357,9 @@ def test_evaluate_refuses_unlabelled_examples_and_foreign_patterns(tiny):
     patterns.labels = ["contradiction", "entailment", "neutral"]
     with pytest.raises(AttAttrError, match="classes"):
         evaluate(model, tokenizer, _examples(), patterns, progress=False)
+    beyond = Extraction(labels=[], patterns={5: [pattern]}, n_examples=1, n_without_pattern=0)
+    with pytest.raises(AttAttrError, match="patterns of class 5; the model has classes 0..1"):
+        evaluate(model, tokenizer, _examples(), beyond, progress=False)
 
 
 # ---------------------------------------------------------------- extraction end to end vs brute force

@@ -83,19 +83,22 @@ def load_labelled(path: str | None, task: str, model, tokenizer, max_examples: i
     return encode_labelled(tokenizer, data.examples, labels, max_length=max_length), name
 
 
+def importance_options(args) -> dict:
+    """`head_importance`'s options from the command line, checked (before any model or data is loaded)."""
+    return {"n_steps": common.parse_positive_int(args.steps, "--steps"), "method": common.parse_method(args.method),
+            "batch_size": common.parse_positive_int(args.batch_size, "--batch-size"),
+            "normalize": None if args.normalize == "none" else args.normalize}
+
+
 def compute_importance(model, data, kinds: list[str], args, progress: bool = True) -> dict:
     from attattr_fast.heads import head_importance
 
-    n_steps = common.parse_positive_int(args.steps, "--steps")
-    method = common.parse_method(args.method)
-    batch_size = common.parse_positive_int(args.batch_size, "--batch-size")
-    normalize = None if args.normalize == "none" else args.normalize
+    options = importance_options(args)
     scores = {}
     for kind in kinds:
         print(f"importance: {kind} on {len(data)} examples", file=sys.stderr)
         scores[kind] = head_importance(model, data.input_ids, data.labels, data.attention_mask, data.token_type_ids,
-                                       kind=kind, n_steps=n_steps, method=method, normalize=normalize,
-                                       batch_size=batch_size, progress=progress)  # fmt: skip
+                                       kind=kind, progress=progress, **options)  # fmt: skip
     return scores
 
 
@@ -118,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
     from attattr_fast.results import atomic_write_bytes
 
     kinds = parse_kinds(args.kinds)
+    importance_options(args)
     out = common.check_output_path(args.out, "--out")
     plot, scatter = (common.check_output_path(getattr(args, o), f"--{o}", image=True) for o in ("plot", "scatter"))
     if scatter is not None and args.compare_input is None:

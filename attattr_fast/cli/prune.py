@@ -13,6 +13,7 @@ from attattr_fast.cli.heads import (
     add_data_options,
     add_importance_options,
     compute_importance,
+    importance_options,
     load_labelled,
     parse_kinds,
 )
@@ -90,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
 
     kinds = parse_kinds(args.kinds)
     layer_kinds = parse_kinds(args.layer_kinds, "--layer-kinds") if args.layer_plot is not None else []
+    importance_options(args)
     fractions = tuple(parse_fraction(f.strip(), "--fractions") for f in args.fractions.split(",") if f.strip())
     if not fractions:
         raise AttAttrError("--fractions is empty")
