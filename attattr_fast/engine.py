@@ -397,6 +397,11 @@ def row_bytes(adapter: EncoderAdapter, n: int, layers_per_row: float, dtype: tor
     return int((layers_per_row * kept_per_layer + backward) * item + buffers)
 
 
+def mean_layers_per_row(adapter: EncoderAdapter, layers: list[int]) -> float:
+    """Layers a row runs, on average over the targeted layers: the row for target layer l runs the L − l from l up."""
+    return sum(adapter.n_layers - layer for layer in layers) / len(layers)
+
+
 def default_rows_per_chunk(adapter: EncoderAdapter, n: int, layers: list[int], n_nodes: int, dtype: torch.dtype,
                            device: torch.device, budget: int | None = None) -> int:
     """Rows per chunk within a memory budget (bytes; None: `memory_budget(device)`), at most 8192. The row for
@@ -405,7 +410,7 @@ def default_rows_per_chunk(adapter: EncoderAdapter, n: int, layers: list[int], n
     if budget is None:
         budget = memory_budget(device)
     rows_per_example = len(layers) * n_nodes
-    rows = budget // row_bytes(adapter, n, sum(adapter.n_layers - layer for layer in layers) / len(layers), dtype)
+    rows = budget // row_bytes(adapter, n, mean_layers_per_row(adapter, layers), dtype)
     if rows < rows_per_example:
         rows = budget // row_bytes(adapter, n, adapter.n_layers - min(layers), dtype)
     return int(max(1, min(8192, rows)))

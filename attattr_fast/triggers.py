@@ -904,7 +904,7 @@ def evaluate(
     """
     from tqdm.auto import tqdm
 
-    from attattr_fast.adapters import EncoderAdapter, adapter_class
+    from attattr_fast.adapters import EncoderAdapter
     from attattr_fast.adapters import max_length as longest_input
     from attattr_fast.text import encode, model_max_length
 
@@ -915,7 +915,7 @@ def evaluate(
         raise AttAttrError("no examples to evaluate on")
     # the model only predicts here: no adapter (a model pruned to different head counts per layer has none)
     model = model.model if isinstance(model, EncoderAdapter) else model
-    adapter_class(model)  # a supported family
+    max_length = model_max_length(tokenizer, longest_input(model))  # and a supported family
     config = model.config
     n_classes = int(config.num_labels)
     label2id = dict(getattr(config, "label2id", {}) or {})
@@ -932,7 +932,6 @@ def evaluate(
                            f"0..{n_classes - 1}")
     _check_vocabulary(patterns, tokenizer)
 
-    max_length = model_max_length(tokenizer, longest_input(model))
     enc = encode(tokenizer, [e.text for e in examples], [e.text_pair for e in examples], max_length=max_length)
     lengths = enc.attention_mask.sum(1).tolist()
     clean = [(enc.input_ids[b, :m].tolist(), enc.token_type_ids[b, :m].tolist()) for b, m in enumerate(lengths)]

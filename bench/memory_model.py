@@ -58,7 +58,7 @@ def measure_case(aa: AttentionAttribution, device, dtype, n: int, layers: list[i
     measured = (peaks[2 * count] - peaks[count]) / (rows[2 * count] - rows[count])
     if measured <= 0:
         raise SystemExit(f"the peak did not grow with the rows ({peaks}): no per-row figure to compare")
-    mean_layers = sum(adapter.n_layers - layer for layer in layers) / len(layers)
+    mean_layers = engine.mean_layers_per_row(adapter, layers)
     model = engine.row_bytes(adapter, n, mean_layers, dtype)
     before = engine_ab.row_bytes_before(adapter, n, mean_layers, dtype)  # every case targets layer 0
     return {"dtype": dtype, "n": n, "layers": layers, "packed": packed, "examples": [count, 2 * count],
