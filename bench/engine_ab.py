@@ -11,11 +11,15 @@ must agree to rounding).
                          engine.PACK_ABOVE_PADDING, against rows always padded
     --compare memory     chunks sized by engine.row_bytes against the memory model it replaced
                          (`row_bytes_before`: every row charged all layers and 12D + 3I + 3H·n per token)
+    --compare tf32       bf16 rows with the call's float32 products (the prefix, and the torch reduction's
+                         Ḡ·Vᵀ) in TF32 (float32_matmul_precision "high") against full FP32 ("highest"): the
+                         remedy GPU_NOTES names if the prefix takes over 15% of a bf16 call (CUDA only)
 
     python bench/engine_ab.py --compare grouping              # GPU: 256 examples; bf16 gl 2 and rr 20, float32 gl 2
     python bench/engine_ab.py --compare compile --examples 32 # CPU: float32 gl 2
     python bench/engine_ab.py --compare packing --examples 8 --rows-per-chunk 192 --group-overhead 1e9
                                                               # CPU: the 8 sentences in one group
+    python bench/engine_ab.py --compare tf32 --cases bf16:gausslegendre:2,bf16:riemann_right:20  # GPU
 
 Writes bench/results/<device>-<compare>_ab.json.
 """
@@ -48,12 +52,13 @@ from attattr_fast import AttentionAttribution, engine  # noqa: E402
 @dataclass(frozen=True)
 class Arm:
     """One side of a comparison: AttentionAttribution's keyword arguments, the grouping (engine.plan_groups
-    or its replacement) and engine.PACK_ABOVE_PADDING."""
+    or its replacement), engine.PACK_ABOVE_PADDING, the memory model and torch's float32 matmul precision."""
 
     kwargs: dict = field(default_factory=dict)
     plan: Callable = engine.plan_groups
     pack_above_padding: float = engine.PACK_ABOVE_PADDING
     row_bytes: Callable = engine.row_bytes
+    matmul_precision: str = "highest"
 
 
 def row_bytes_before(adapter, n: int, layers_per_row: float, dtype) -> int:
@@ -68,13 +73,16 @@ def row_bytes_before(adapter, n: int, layers_per_row: float, dtype) -> int:
 
 @contextlib.contextmanager
 def arm_settings(arm: Arm):
-    """The engine with the arm's grouping, packing and memory model."""
+    """The engine with the arm's grouping, packing, memory model and float32 matmul precision."""
     original = engine.plan_groups, engine.PACK_ABOVE_PADDING, engine.row_bytes
+    precision = torch.get_float32_matmul_precision()
     engine.plan_groups, engine.PACK_ABOVE_PADDING, engine.row_bytes = arm.plan, arm.pack_above_padding, arm.row_bytes
+    torch.set_float32_matmul_precision(arm.matmul_precision)
     try:
         yield
     finally:
         engine.plan_groups, engine.PACK_ABOVE_PADDING, engine.row_bytes = original
+        torch.set_float32_matmul_precision(precision)
 
 
 # comparison → {arm name: Arm}; the first arm is the new one, the second what it replaces.
@@ -83,6 +91,7 @@ COMPARISONS = {
     "compile": {"compiled": Arm(kwargs={"compile": True}), "eager": Arm()},
     "packing": {"packed": Arm(), "padded": Arm(pack_above_padding=math.inf)},
     "memory": {"row_bytes": Arm(), "row_bytes_before": Arm(row_bytes=row_bytes_before)},
+    "tf32": {"tf32_products": Arm(matmul_precision="high"), "fp32_products": Arm()},
 }
 
 

@@ -13,6 +13,9 @@
 #             rr 20, 256 sentences; the warm-up call's time includes compiling)
 #   packing   engine_ab.py --compare packing: rows packed to their real tokens against rows padded (bf16 gl 2
 #             and rr 20, 256 sentences; packing every padded group, so the padding of both rules is measured)
+#   tf32      engine_ab.py --compare tf32: bf16 rows with their float32 products (prefix, reduction) in TF32
+#             against full FP32 (bf16 gl 2 and rr 20, 256 sentences); not in the default list: run it when the
+#             phases step shows the prefix above 15% of a bf16 call
 #   compare   bench_compare.py on $WORKLOADS (default a), $COMPARE_ARGS passed on, at most $COMPARE_LIMIT s each
 #   overhead  profile_engine.py --group-overhead: what one more group costs (engine.GROUP_OVERHEAD_TOKENS)
 #   grouping  engine_ab.py --compare grouping: plan_groups against the grouping it replaced (bf16 gl 2 and
@@ -20,7 +23,7 @@
 #   probe     triton_compile_probe.py with an empty Triton cache (first vs second launch per specialisation)
 #   kernel    bench_kernel.py at n = 128, 512, 2048, float32 and bf16, launch configurations $KERNEL_CONFIGS
 #             (default: launch_config's, and tiles 32 and 64 at 8 warps, where ptxas reports fewer or no spills)
-# STEPS defaults to all of them in the order above. Every step's log goes to $OUT too, with the result JSONs this
+# STEPS defaults to all of them but tf32, in the order above. Every step's log goes to $OUT too, with the result JSONs this
 # run wrote (not older ones). Results land in bench/results/ (commit them) and are copied to $OUT when it is set
 # (the device tool).
 #
@@ -73,6 +76,10 @@ for name in $steps; do
         log "packed rows before/after"
         step 90 $python bench/engine_ab.py --compare packing --cases bf16:gausslegendre:2,bf16:riemann_right:20 \
             --pack-above-padding 0 --repeats 2 2>&1 | tee "$out/packing.log" ;;
+    tf32)
+        log "TF32 float32 products before/after"
+        step 60 $python bench/engine_ab.py --compare tf32 --cases bf16:gausslegendre:2,bf16:riemann_right:20 \
+            --repeats 2 2>&1 | tee "$out/tf32.log" ;;
     compile)
         log "torch.compile before/after"
         step 180 $python bench/engine_ab.py --compare compile --cases bf16:gausslegendre:2,bf16:riemann_right:20 \
