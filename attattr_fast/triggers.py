@@ -443,6 +443,8 @@ class Extraction:
             return cls(labels=[str(x) for x in data["labels"]], patterns=patterns,
                        n_examples=int(data["n_examples"]), n_without_pattern=int(data["n_without_pattern"]),
                        options=dict(data.get("options", {})))  # fmt: skip
+        except AttAttrError as exc:  # a malformed pattern, already explained
+            raise AttAttrError(f"malformed triggers file: {exc}") from None
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise AttAttrError(f"malformed triggers file ({exc.__class__.__name__}: {exc})") from None
 

@@ -198,7 +198,7 @@ def test_patterns_file_round_trip(tmp_path):
         edited = copy.deepcopy(saved)
         edited["patterns"]["1"][0][field] = value
         (tmp_path / "edited.json").write_text(json.dumps(edited))
-        with pytest.raises(AttAttrError, match=f"malformed pattern .*{message}"):
+        with pytest.raises(AttAttrError, match=f"^malformed triggers file: malformed pattern .*{message}"):
             load_patterns(tmp_path / "edited.json")
 
 
