@@ -124,7 +124,7 @@ def profile_case(call, device, flops: float, rows_per_example: int) -> dict:
             op_counts[name] += 1
         if name in MATMUL_OPS:
             executed += evt.flops or 0
-        if evt.device_type == torch.autograd.DeviceType.CUDA:
+        if is_gpu_work(evt):
             us = evt.time_range.elapsed_us()
             by_cat[category(name)] += us
             kernels[name][0] += us
@@ -181,13 +181,19 @@ def phases_timed_by(clock: PhaseClock):
         engine.phase_hook = None
 
 
+def is_gpu_work(event) -> bool:
+    """Whether a profiler event is a GPU kernel, copy or fill: not a range (the phases', or any other
+    `record_function`) that the GPU trace repeats as a user annotation."""
+    return (event.device_type == torch.autograd.DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
+            and not event.name.startswith(PHASE_MARK))
+
+
 def device_work(prof, device) -> list[tuple[str, float, float]]:
     """(name, start µs, µs) of what ran on the device: the GPU's kernels, copies and fills; on the CPU, each aten
     op's own time (its children's excluded, so nothing counts twice) under the name of the outermost aten op it ran
     in (addmm's copy of its bias is matrix-product time, attention's zeroed buffers attention time)."""
-    if device.type == "cuda":  # not the phases' own ranges, which the GPU trace repeats as user annotations
-        return [(e.name, e.time_range.start, e.time_range.elapsed_us()) for e in prof.events()
-                if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith(PHASE_MARK)]
+    if device.type == "cuda":
+        return [(e.name, e.time_range.start, e.time_range.elapsed_us()) for e in prof.events() if is_gpu_work(e)]
     work = []
     for e in prof.events():
         if e.name.startswith("aten::") and e.device_type == torch.autograd.DeviceType.CPU:
