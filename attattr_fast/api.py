@@ -110,10 +110,11 @@ class AttentionAttribution:
             method: riemann_left | riemann_right | riemann_middle | riemann_trapezoid | gausslegendre.
             output: "full" keeps [B, L', H, n, n] attributions and attention; "reduced" only head_max,
                 layer_attr, top_k.
-            dtype: None (float32) or torch.bfloat16 / torch.float16 for the layers above the target
-                (context gradients and the reduction accumulate in float32).
-            internal_batch_size: most rows (example × layer × node) per forward/backward; None decides
-                from free memory.
+            dtype: None (float32; a float64 model stays float64) or torch.bfloat16 / torch.float16 (or their
+                names) for the layers above the target (context gradients and the reduction accumulate in
+                float32). Result tensors are float32 either way.
+            internal_batch_size: most rows (example × layer × node) per forward/backward; None: as many as
+                the memory budget holds (`engine.memory_budget`: half the free GPU memory, 1 GiB on the CPU).
             backend: "auto" (torch ops; see `resolve_backend`), "triton" or "torch".
             top_k: also return the k strongest entries of every layer matrix.
             result_device: where the result tensors go.

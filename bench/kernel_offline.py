@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     ordered = sorted(lengths)
     for steps in (20, 2):
         for old in (True, False):
-            groups = plan_report.plan(adapter, lengths, adapter.n_layers * steps, torch.bfloat16, int(args.budget),
+            groups = plan_report.plan(adapter, lengths, steps, torch.bfloat16, int(args.budget),
                                       "cuda", old)  # fmt: skip
             keys = {compiler.key(*kernel_args(ordered[end - 1], n_ex=end - begin)) for begin, end, _ in groups}
             policy = "sized by the longest" if old else "plan_groups"
