@@ -7,6 +7,7 @@ line.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 from dataclasses import dataclass
@@ -23,6 +24,27 @@ class Example:
     label: str | None = None
 
 
+def is_unicode(text: str) -> bool:
+    """Whether a str is valid Unicode text: no lone surrogate (a half emoji from a cut, or bytes a shell passed
+    through undecoded), which no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _csv_fields_of_any_size():
+    """csv refuses fields over 128 KiB by default; a long text is truncated later, like any other."""
+    limit = csv.field_size_limit()
+    csv.field_size_limit(2**31 - 1)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(limit)
+
+
 def read_examples(path: str | Path) -> list[Example]:
     """Examples from a .tsv, .csv or .jsonl file (format by extension; .txt = one text per line)."""
     path = Path(path)
@@ -31,18 +53,22 @@ def read_examples(path: str | Path) -> list[Example]:
     suffix = path.suffix.lower()
     try:
         if suffix in (".tsv", ".csv"):
-            with path.open(newline="", encoding="utf-8-sig") as f:
+            with path.open(newline="", encoding="utf-8-sig") as f, _csv_fields_of_any_size():
                 # strict: an unterminated CSV quote is an error, not a text that swallows the rest of the file
                 dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {"delimiter": ","}
                 reader = csv.DictReader(f, strict=True, **dialect)
+                header = reader.fieldnames or []
+                repeated = sorted({name for name in header if header.count(name) > 1})
+                if repeated:
+                    raise AttAttrError(f"{path}: the header names {', '.join(map(repr, repeated))} more than once")
                 records = []
                 for r in reader:
-                    if None in r:  # DictReader's key for the fields beyond the header
-                        width = len(reader.fieldnames) + len(r[None])
-                        raise AttAttrError(f"{path}:{reader.line_num}: {width} fields where the header has "
-                                           f"{len(reader.fieldnames)}")
-                    records.append(dict(r))
-                header = reader.fieldnames or []
+                    extra = r.pop(None, [])  # DictReader's key for fields beyond the header
+                    missing = sum(value is None for value in r.values())  # its filling for fields short of it
+                    if extra or missing:
+                        raise AttAttrError(f"{path}:{reader.line_num}: {len(header) + len(extra) - missing} fields "
+                                           f"where the header has {len(header)}")
+                    records.append(r)
         elif suffix in (".jsonl", ".json"):
             records = []
             with path.open(encoding="utf-8-sig") as f:
@@ -58,7 +84,9 @@ def read_examples(path: str | Path) -> list[Example]:
                     records.append(record)
             header = sorted({k for r in records for k in r})
         elif suffix == ".txt":
-            lines = path.read_text(encoding="utf-8-sig").splitlines()
+            # "\n" only (universal newlines turned \r\n and \r into it): splitlines() would also split at
+            # U+2028, form feeds and other separators inside a text
+            lines = path.read_text(encoding="utf-8-sig").split("\n")
             tabbed = next((number for number, line in enumerate(lines, 1) if "\t" in line), None)
             if tabbed is not None:  # most likely columns: a TSV under another name
                 raise AttAttrError(f"{path}:{tabbed}: a tab in a .txt file, which holds one text per line; "
@@ -82,6 +110,8 @@ def read_examples(path: str | Path) -> list[Example]:
         pair = r.get("text_pair")
         if not isinstance(text, str) or not isinstance(pair, (str, type(None))):
             raise AttAttrError(f"{path}: example {i}: text and text_pair must be strings")
+        if not is_unicode(text) or (pair is not None and not is_unicode(pair)):
+            raise AttAttrError(f"{path}: example {i}: not valid Unicode text (a lone surrogate)")
         label = r.get("label")
         examples.append(
             Example(

@@ -47,8 +47,9 @@ SHIFT = ".exp2"  # suffix of the power-of-two scale stored next to a float16 ten
 META_FIELDS = ("index", "tokens", "text", "text_pair", "label", "target", "target_label", "prob", "layers")
 # Settings that must match for a run to continue an existing directory (the rest, like batch size or the
 # number of processes, changes how fast it goes, not what it computes).
-RESUME_KEYS = ("version", "model", "input", "method", "n_steps", "dtype", "layers", "output", "target",
-               "targets_sha256", "top_k", "store_dtype", "truncate", "shard_size", "shard_bytes")  # fmt: skip
+# The targets count as resolved (targets_sha256): `--target 1` and `--target positive` name the same class.
+RESUME_KEYS = ("version", "model", "input", "method", "n_steps", "dtype", "layers", "output", "targets_sha256",
+               "top_k", "store_dtype", "truncate", "shard_size", "shard_bytes")  # fmt: skip
 _SHARD_FILE = re.compile(r"^(shard-\d{5,})\.(safetensors|jsonl|commit\.json)$")
 _TMP_FILE = re.compile(r"^\..+\.tmp-\d+$")
 
@@ -206,7 +207,7 @@ def read_commits(directory: Path) -> tuple[dict[str, dict[str, Any]], dict[str, 
         name = path.name[: -len(COMMIT_SUFFIX)]
         try:
             entry = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(entry, dict) or entry.get("name") != name:
+            if not _well_formed(entry) or entry["name"] != name:
                 raise ValueError
             commits[name] = entry
         except (ValueError, UnicodeDecodeError):
@@ -214,13 +215,18 @@ def read_commits(directory: Path) -> tuple[dict[str, dict[str, Any]], dict[str, 
     return commits, problems
 
 
-def _describe(key: str, value: Any) -> str:
+def _describe(key: str, settings: dict[str, Any]) -> str:
+    """A setting of a run (a manifest or a run's meta) as the refusal to resume names it."""
+    value = settings.get(key)
+    if key == "targets_sha256":  # the resolved targets, after the option that chose them
+        return f"{json.dumps(settings.get('target'))} (resolved targets sha256 {str(value)[:12]})"
     if key == "model" and isinstance(value, dict):
         config = f", config sha256 {value['config_sha256'][:12]}" if value.get("config_sha256") else ""
         return f"{value.get('name')} (weights sha256 {str(value.get('sha256'))[:12]}{config})"
     if key == "input" and isinstance(value, dict):
         what = value.get("path") or f"{value.get('texts')} --text arguments"
-        return f"{what} (sha256 {str(value.get('sha256'))[:12]}, {value.get('n_examples')} examples)"
+        tokens = f", tokenized sha256 {value['encoded_sha256'][:12]}" if value.get("encoded_sha256") else ""
+        return f"{what} (sha256 {str(value.get('sha256'))[:12]}{tokens}, {value.get('n_examples')} examples)"
     return json.dumps(value)
 
 
@@ -237,7 +243,7 @@ def check_same_run(directory: Path, old: dict[str, Any], meta: dict[str, Any]) -
     from attattr_fast import __version__
 
     meta = {**meta, "version": __version__}  # shards of two versions never share a directory
-    diffs = [f"{key}: {_describe(key, old.get(key))} there, {_describe(key, meta.get(key))} now"
+    diffs = [f"{key}: {_describe(key, old)} there, {_describe(key, meta)} now"
              for key in RESUME_KEYS if _identity(key, old.get(key)) != _identity(key, meta.get(key))]  # fmt: skip
     if diffs:
         raise AttAttrError(f"{directory} holds results of a different run ({'; '.join(diffs)}); "
@@ -301,6 +307,10 @@ def open_run_directory(directory: str | Path, meta: dict[str, Any], plan: list[l
         return {}, lock
 
     if not (directory / MANIFEST).is_file():
+        if any(_SHARD_FILE.match(p.name) for p in directory.iterdir()):
+            raise AttAttrError(f"{directory} holds shards but no {MANIFEST}: the settings that made them are lost, "
+                               "so they cannot be checked against this run; move them aside or choose a new "
+                               "output directory")  # fmt: skip
         raise AttAttrError(f"{directory} is not empty and has no {MANIFEST}: not a results directory; "
                            "choose a new output directory")  # fmt: skip
     old = read_manifest(directory)
@@ -377,10 +387,14 @@ class ResultsWriter:
         self.commits: dict[str, dict[str, Any]] = {}
         self.plan: list[list[int]] = []
         self.pending: list[Record] = []
+        self.seen: set[int] = set()  # indices added
         self.n_written = 0
         write_manifest(self.dir, self.meta, self.plan, self.commits, complete=False)
 
     def add(self, record: Record) -> None:
+        if int(record.index) in self.seen:
+            raise AttAttrError(f"record index {record.index} was already added")
+        self.seen.add(int(record.index))
         self.pending.append(record)
         if len(self.pending) >= self.shard_size:
             self.flush()
@@ -457,8 +471,13 @@ class Results(Sequence):
         self._where: dict[int, tuple[int, int]] = {}
         for s, shard in enumerate(self.manifest["shards"]):
             for pos, index in enumerate(shard["indices"]):
+                if int(index) in self._where:
+                    raise AttAttrError(f"{self.dir / MANIFEST} is corrupt (example {index} is in two places)")
                 self._where[int(index)] = (s, pos)
         self.indices = sorted(self._where)
+        if self.complete and len(self.indices) != self.manifest.get("n_examples"):
+            raise AttAttrError(f"{self.dir / MANIFEST} is corrupt (complete, with {len(self.indices)} of "
+                               f"{self.manifest.get('n_examples')} examples)")
         self._open: OrderedDict[int, tuple[Any, BinaryIO]] = OrderedDict()
         self._keys: dict[int, set[str]] = {}  # tensor names of each open shard
         self._verified: set[int] = set()

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from attattr_fast.datasets import is_unicode
 from attattr_fast.errors import AttAttrError
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ def encode(
             raise AttAttrError(f"example {i}: the text is empty")
         if pair is not None and not str(pair).strip():
             raise AttAttrError(f"example {i}: the text pair is empty")
+        if not is_unicode(str(text)) or (pair is not None and not is_unicode(str(pair))):
+            raise AttAttrError(f"example {i}: not valid Unicode text (a lone surrogate)")
         full = tokenizer(text, pair, truncation=False, add_special_tokens=True)
         if len(full["input_ids"]) <= tokenizer.num_special_tokens_to_add(pair=pair is not None):
             raise AttAttrError(f"example {i}: the text has no tokens (only invisible characters?)")

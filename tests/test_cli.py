@@ -146,6 +146,9 @@ def test_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, tiny_model_d
     ("quote.csv", 'text,label\n"unterminated,positive\n', "malformed CSV"),
     ("wide.tsv", "text\tlabel\ngood film\tpositive\textra\tfields\n", "4 fields where the header has 2"),
     ("columns.txt", "text\tlabel\nnice film\tpositive\n", "1: a tab in a .txt file"),
+    ("short.tsv", "text\ttext_pair\tlabel\ngood\tfine\tpositive\nbad film\n", "3: 1 fields where the header has 3"),
+    ("twice.tsv", "text\ttext\tlabel\nfirst\tsecond\tpositive\n", "the header names 'text' more than once"),
+    ("surrogate.jsonl", '{"text": "good \\ud800 film"}\n', "example 0: not valid Unicode text"),
 ])  # fmt: skip
 def test_malformed_input_files(capsys, tmp_path, tiny_model_dir, name, content, message):
     path = tmp_path / name
@@ -167,6 +170,32 @@ def test_tsv_with_a_byte_order_mark_or_quotes_reads_as_it_stands(tmp_path):
     path.write_text('text\tlabel\n"Great" is not the word\tnegative\nit is "fine\tpositive\n')
     assert [(e.text, e.label) for e in read_examples(path)] == [('"Great" is not the word', "negative"),
                                                                  ('it is "fine', "positive")]
+
+
+def test_text_files_split_only_at_newlines_and_take_long_fields(tmp_path):
+    from attattr_fast.datasets import read_examples
+
+    path = tmp_path / "lines.txt"  # U+2028 and a form feed are characters of a text, not line ends
+    path.write_text("good film\u2028bad plot\x0cend\r\nsecond line\n", newline="")
+    assert [e.text for e in read_examples(path)] == ["good film\u2028bad plot\x0cend", "second line"]
+    path = tmp_path / "long.tsv"  # beyond csv's default field limit of 128 KiB
+    path.write_text("text\tlabel\n" + "word " * 40000 + "\tpositive\n")
+    assert len(read_examples(path)[0].text) == 200000
+
+
+def test_text_that_is_not_unicode_is_one_line(capsys, tiny_model_dir, tmp_path):
+    for option in ("--text", "--text-pair"):
+        args = ["--text", "good caf\udce9"] if option == "--text" else ["--text", "good", "--text-pair", "\ud800"]
+        code, _, err = run_cli(capsys, "attribute", "--model", str(tiny_model_dir), *args, "--out", str(tmp_path / "o"))
+        assert code == 2 and f"{option} 1 is not valid UTF-8 text" in err and err.count("\n") == 1, err
+        assert not (tmp_path / "o").exists()
+    from transformers import AutoTokenizer
+
+    from attattr_fast.errors import AttAttrError
+    from attattr_fast.text import encode
+
+    with pytest.raises(AttAttrError, match="example 1: not valid Unicode text"):
+        encode(AutoTokenizer.from_pretrained(tiny_model_dir), ["good", "bad \ud800"])
 
 
 def test_store_options_without_out_and_version(capsys, tiny_model_dir):

@@ -292,3 +292,58 @@ def test_resume_by_another_version_is_refused(tmp_path):
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(AttAttrError, match=r"version: \"0.0.9\" there"):
         open_run_directory(out, META, PLAN)
+
+
+def test_a_commit_missing_a_field_is_damage_that_repair_recomputes(tmp_path):
+    out = tmp_path / "res"
+    _finished(out)
+    commit = out / f"shard-00001{COMMIT_SUFFIX}"
+    commit.write_text(json.dumps({k: v for k, v in json.loads(commit.read_text()).items() if k != "sha256"}))
+    with pytest.raises(AttAttrError, match=r"shard-00001: shard-00001.commit.json is unreadable"):
+        open_run_directory(out, META, PLAN)
+    commits, lock = open_run_directory(out, META, PLAN, repair=True)
+    lock.release()
+    assert sorted(commits) == ["shard-00000", "shard-00002"]
+
+
+def test_shards_without_a_manifest_are_named_not_mistaken_for_a_stranger(tmp_path):
+    out = tmp_path / "res"
+    _finished(out)
+    (out / "manifest.json").unlink()
+    with pytest.raises(AttAttrError, match="holds shards but no manifest.json: the settings that made them are lost"):
+        open_run_directory(out, META, PLAN)
+    assert (out / "shard-00000.safetensors").exists()  # refusing changes nothing
+
+
+def test_duplicate_or_missing_examples_are_refused_not_lost(tmp_path):
+    writer = ResultsWriter(tmp_path / "w", META, shard_size=2)
+    writer.add(make_record(0, 3))
+    with pytest.raises(AttAttrError, match="record index 0 was already added"):
+        writer.add(make_record(0, 3))
+    out = tmp_path / "res"
+    manifest = _finished(out)
+    twice = json.loads(json.dumps(manifest))
+    twice["shards"][2]["indices"] = [3]
+    (out / "manifest.json").write_text(json.dumps(twice))
+    with pytest.raises(AttAttrError, match=r"corrupt \(example 3 is in two places\)"):
+        load_results(out)
+    short = {**manifest, "shards": manifest["shards"][:2]}
+    (out / "manifest.json").write_text(json.dumps(short))
+    with pytest.raises(AttAttrError, match=r"corrupt \(complete, with 4 of 5 examples\)"):
+        load_results(out)
+
+
+def test_resume_refusal_names_the_tokenization_and_the_resolved_targets(tmp_path):
+    out = tmp_path / "res"
+    meta = {**META, "input": {"sha256": "bb", "encoded_sha256": "e1", "n_examples": 5}, "target": "gold",
+            "targets_sha256": "t1"}  # fmt: skip
+    _, lock = open_run_directory(out, meta, PLAN)
+    lock.release()
+    retokenized = {**meta, "input": {**meta["input"], "encoded_sha256": "e2"}}
+    with pytest.raises(AttAttrError, match=r"tokenized sha256 e1, 5 examples\) there, .*tokenized sha256 e2"):
+        open_run_directory(out, retokenized, PLAN)
+    with pytest.raises(AttAttrError, match=r'targets_sha256: "gold" \(resolved targets sha256 t1\) there, '
+                                           r'"negative" \(resolved targets sha256 t2\) now'):  # fmt: skip
+        open_run_directory(out, {**meta, "target": "negative", "targets_sha256": "t2"}, PLAN)
+    _, lock = open_run_directory(out, {**meta, "target": "1"}, PLAN)  # another name for the same targets
+    lock.release()

@@ -76,7 +76,7 @@ def parse_size(value: str, name: str) -> int | None:
 
 
 def _examples(args):
-    from attattr_fast.datasets import Example, builtin_sentiment_bytes, load_examples
+    from attattr_fast.datasets import Example, builtin_sentiment_bytes, is_unicode, load_examples
 
     if args.input is not None:
         if args.text_pair:
@@ -92,10 +92,11 @@ def _examples(args):
         raise AttAttrError("give one --text-pair per --text")
     examples = [Example(text=t, text_pair=pairs[i] if pairs else None) for i, t in enumerate(args.text)]
     for i, e in enumerate(examples):
-        if not e.text.strip():
-            raise AttAttrError(f"--text {i + 1} is empty")
-        if e.text_pair is not None and not e.text_pair.strip():
-            raise AttAttrError(f"--text-pair {i + 1} is empty")
+        for option, value in (("--text", e.text), ("--text-pair", e.text_pair)):
+            if value is not None and not value.strip():
+                raise AttAttrError(f"{option} {i + 1} is empty")
+            if value is not None and not is_unicode(value):
+                raise AttAttrError(f"{option} {i + 1} is not valid UTF-8 text")
     texts = json.dumps([[e.text, e.text_pair] for e in examples], ensure_ascii=False).encode("utf-8")
     return examples, {"texts": len(examples), "sha256": hashlib.sha256(texts).hexdigest()}
 
