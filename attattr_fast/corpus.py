@@ -34,7 +34,7 @@ from attattr_fast.distributed import DistContext, assign
 from attattr_fast.errors import AttAttrError
 from attattr_fast.inputs import as_dtype, check_options
 from attattr_fast.results import Record
-from attattr_fast.text import Encoded, encode, model_max_length
+from attattr_fast.text import Tokenized, model_max_length, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +48,12 @@ DTYPE_NAMES = {None: "float32", torch.float32: "float32", torch.bfloat16: "bfloa
 @dataclass
 class PreparedCorpus:
     examples: list[Example]
-    encoded: Encoded
+    tokenized: Tokenized  # unpadded: each engine call pads its own examples
     gold: list[int | None]  # class index of each example's label
     lengths: list[int] = field(init=False)  # real tokens of each example
 
     def __post_init__(self):
-        self.lengths = self.encoded.attention_mask.sum(1).tolist()
+        self.lengths = self.tokenized.lengths
 
 
 def prepare(aa: AttentionAttribution, tokenizer, examples: list[Example], truncate: bool = True) -> PreparedCorpus:
@@ -62,9 +62,9 @@ def prepare(aa: AttentionAttribution, tokenizer, examples: list[Example], trunca
     config = adapter.config
     label2id = dict(getattr(config, "label2id", {}) or {})
     gold = [None if e.label is None else label_index(e.label, label2id, adapter.num_labels) for e in examples]
-    encoded = encode(tokenizer, [e.text for e in examples], [e.text_pair for e in examples],
-                     max_length=model_max_length(tokenizer, adapter.max_length), truncate=truncate)
-    return PreparedCorpus(examples, encoded, gold)
+    tokenized = tokenize(tokenizer, [e.text for e in examples], [e.text_pair for e in examples],
+                         max_length=model_max_length(tokenizer, adapter.max_length), truncate=truncate)
+    return PreparedCorpus(examples, tokenized, gold)
 
 
 def resolve_targets(target: str, corpus: PreparedCorpus, aa: AttentionAttribution) -> list[int | None]:
@@ -96,10 +96,11 @@ def config_fingerprint(config) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def encoded_fingerprint(encoded: Encoded) -> str:
-    """sha256 of the token ids, masks and segments: what the model sees, tokenizer and truncation included."""
+def encoded_fingerprint(tokenized: Tokenized) -> str:
+    """sha256 of the examples' lengths, token ids and segments: what the model sees, tokenizer and truncation
+    included."""
     digest = hashlib.sha256()
-    for tensor in (encoded.input_ids, encoded.attention_mask, encoded.token_type_ids):
+    for tensor in (tokenized.offsets, tokenized.ids, tokenized.types):
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(tensor.contiguous().numpy())
     return digest.hexdigest()
@@ -179,7 +180,6 @@ class ChunkPlanner:
 
 
 def _records(res, batch: list[int], corpus: PreparedCorpus, lengths: list[int], id2label: dict) -> list[Record]:
-    enc = corpus.encoded
     out = []
     for b, i in enumerate(batch):
         m = lengths[i]
@@ -187,7 +187,7 @@ def _records(res, batch: list[int], corpus: PreparedCorpus, lengths: list[int], 
         t = int(res.target[b])
         record = Record(
             index=i,
-            tokens=enc.tokens[i],
+            tokens=corpus.tokenized.tokens[i],
             text=example.text,
             text_pair=example.text_pair,
             label=example.label,
@@ -222,7 +222,6 @@ def iter_batches(aa: AttentionAttribution, corpus: PreparedCorpus, indices: list
     A CUDA out-of-memory error shrinks `planner` and retries the same examples; AttAttrError when even one
     row of one example does not fit.
     """
-    enc = corpus.encoded
     lengths = corpus.lengths
     id2label = dict(getattr(aa.adapter.config, "id2label", {}) or {})
     pos = 0
@@ -240,8 +239,8 @@ def iter_batches(aa: AttentionAttribution, corpus: PreparedCorpus, indices: list
         target = torch.tensor(batch_targets, dtype=torch.long) if batch_targets[0] is not None else None
         rows = planner.rows(n)
         try:
-            res = aa.attribute(enc.input_ids[batch, :n], enc.attention_mask[batch, :n], enc.token_type_ids[batch, :n],
-                               target=target, top_k=top_k, internal_batch_size=rows, **options)  # fmt: skip
+            res = aa.attribute(*corpus.tokenized.padded(batch, n), target=target, top_k=top_k,
+                               internal_batch_size=rows, **options)
         except OUT_OF_MEMORY as exc:
             res, failed_rows = None, getattr(exc, "rows_in_chunk", None)
         if res is None:  # outside the handler, so the failed call's tensors are already freed
@@ -363,7 +362,7 @@ def describe_model(name: str, model: torch.nn.Module, tokenizer) -> dict[str, An
 
 def describe_input(source: dict[str, Any], corpus: PreparedCorpus) -> dict[str, Any]:
     """The manifest's input entry: `source` (file path and sha256, or --text count) plus the encoding's sha256."""
-    return {**source, "n_examples": len(corpus.examples), "encoded_sha256": encoded_fingerprint(corpus.encoded)}
+    return {**source, "n_examples": len(corpus.examples), "encoded_sha256": encoded_fingerprint(corpus.tokenized)}
 
 
 def run_corpus(

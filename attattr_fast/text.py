@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from array import array
 from dataclasses import dataclass
 
 import torch
@@ -23,24 +24,61 @@ class Encoded:
     truncated: list[bool]
 
 
+@dataclass
+class Tokenized:
+    """Examples' tokens without padding, so a corpus costs its real tokens (padding it to its longest example
+    would cost that length for every example); `padded` makes a batch's model inputs."""
+
+    ids: Tensor  # int32 [T]: every example's token ids, one after another
+    types: Tensor  # int32 [T]: their token types (segments)
+    offsets: Tensor  # long [N + 1]: where each example starts in `ids`
+    tokens: list[list[str]]  # the tokens of each example
+    truncated: list[bool]
+    pad_id: int
+
+    @property
+    def lengths(self) -> list[int]:
+        return (self.offsets[1:] - self.offsets[:-1]).tolist()
+
+    def example(self, i: int) -> tuple[list[int], list[int]]:
+        """(token ids, token types) of example i."""
+        span = slice(int(self.offsets[i]), int(self.offsets[i + 1]))
+        return self.ids[span].tolist(), self.types[span].tolist()
+
+    def padded(self, indices: list[int], n: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(input_ids, attention_mask, token_type_ids), long [B, n], of these examples right-padded to n
+        (None: the longest of them)."""
+        index = torch.as_tensor(indices, dtype=torch.long)
+        starts = self.offsets[index]
+        lengths = self.offsets[index + 1] - starts
+        n = int(lengths.max()) if n is None else n
+        positions = torch.arange(n)
+        real = positions < lengths.unsqueeze(1)
+        source = (starts.unsqueeze(1) + positions)[real]  # row by row, as boolean indexing fills `real`
+        ids = torch.full((len(index), n), self.pad_id, dtype=torch.long)
+        types = torch.zeros((len(index), n), dtype=torch.long)
+        ids[real], types[real] = self.ids[source].long(), self.types[source].long()
+        return ids, real.long(), types
+
+
 def model_max_length(tokenizer, adapter_max: int) -> int:
     limit = getattr(tokenizer, "model_max_length", None) or adapter_max
     return int(min(limit, adapter_max))
 
 
-def encode(
+def tokenize(
     tokenizer,
     texts: list[str],
     text_pairs: list[str | None] | None = None,
     max_length: int = 512,
     truncate: bool = True,
-) -> Encoded:
+) -> Tokenized:
     """Tokenise examples; empty text is an error, text past `max_length` tokens is truncated with a
     warning (or refused when `truncate` is False)."""
     if not texts:
         raise AttAttrError("no examples to encode")
     pairs = text_pairs or [None] * len(texts)
-    rows, tokens, truncated = [], [], []
+    ids, types, offsets, tokens, truncated = array("i"), array("i"), [0], [], []
     for i, (text, pair) in enumerate(zip(texts, pairs)):
         if text is None or not str(text).strip():
             raise AttAttrError(f"example {i}: the text is empty")
@@ -59,18 +97,28 @@ def encode(
                 )
             log.warning("example %d: %d tokens truncated to %d", i, len(full["input_ids"]), max_length)
             full = tokenizer(text, pair, truncation=True, max_length=max_length)
-        rows.append(full)
+        ids.extend(full["input_ids"])
+        types.extend(full.get("token_type_ids") or [0] * len(full["input_ids"]))
+        offsets.append(len(ids))
         truncated.append(too_long)
         tokens.append(tokenizer.convert_ids_to_tokens(full["input_ids"]))
-    n = max(len(r["input_ids"]) for r in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(rows), n), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), n), dtype=torch.long)
-    types = torch.zeros((len(rows), n), dtype=torch.long)
-    for b, r in enumerate(rows):
-        m = len(r["input_ids"])
-        ids[b, :m] = torch.tensor(r["input_ids"])
-        mask[b, :m] = 1
-        if "token_type_ids" in r:
-            types[b, :m] = torch.tensor(r["token_type_ids"])
-    return Encoded(ids, mask, types, tokens, truncated)
+    return Tokenized(_int32(ids), _int32(types), torch.tensor(offsets), tokens, truncated, pad)
+
+
+def _int32(values: array) -> Tensor:
+    """An array('i') as its own int32 tensor (a copy: the tensor must not depend on the array's buffer)."""
+    return torch.frombuffer(values, dtype=torch.int32).clone()
+
+
+def encode(
+    tokenizer,
+    texts: list[str],
+    text_pairs: list[str | None] | None = None,
+    max_length: int = 512,
+    truncate: bool = True,
+) -> Encoded:
+    """`tokenize`, right-padded to the longest example: the model's input tensors."""
+    tokenized = tokenize(tokenizer, texts, text_pairs, max_length, truncate)
+    ids, mask, types = tokenized.padded(list(range(len(tokenized.tokens))))
+    return Encoded(ids, mask, types, tokenized.tokens, tokenized.truncated)

@@ -550,7 +550,6 @@ def extract(
     aa = model if isinstance(model, AttentionAttribution) else AttentionAttribution(model)
     examples = list(examples)[:n_examples]
     corpus = prepare(aa, tokenizer, examples)
-    enc = corpus.encoded
     special_ids = structural_special_ids(tokenizer)
     marker = piece_marker(tokenizer)
     options = dict(n_steps=n_steps, method=method, dtype=dtype, backend=backend)
@@ -561,8 +560,7 @@ def extract(
                                progress=progress, layers=layers, output="reduced", **options)  # fmt: skip
     per_example: dict[int, tuple[Layout, list[bool]]] = {}
     for record in records:
-        m = len(record.tokens)
-        ids = enc.input_ids[record.index, :m].tolist()
+        ids, _ = corpus.tokenized.example(record.index)
         lay = layout(ids, special_ids)
         blocked = blocked_positions(record.tokens, lay, include_special, exclude_words, marker)
         per_example[record.index] = (lay, blocked)
@@ -577,21 +575,21 @@ def extract(
 
     bar = tqdm(total=sum(map(len, reruns.values())), unit="ex", disable=not progress or not reruns,
                desc="strongest heads")  # fmt: skip
+    lengths = corpus.lengths
     for layer, jobs in sorted(reruns.items()):
         # one layer, full output, only for the examples whose strongest head is in it
-        jobs.sort(key=lambda job: int(enc.attention_mask[job[0]].sum()))
+        jobs.sort(key=lambda job: lengths[job[0]])
         for begin in range(0, len(jobs), batch_size):
             batch = jobs[begin : begin + batch_size]
-            idx = torch.tensor([job[0] for job in batch])
-            n = int(enc.attention_mask[idx].sum(1).max())
-            res = aa.attribute(enc.input_ids[idx, :n], enc.attention_mask[idx, :n], enc.token_type_ids[idx, :n],
+            res = aa.attribute(*corpus.tokenized.padded([job[0] for job in batch]),
                                target=torch.tensor([job[1] for job in batch]), layers=[layer], output="full",
                                **options)  # fmt: skip
             for b, (index, target, head, blocked) in enumerate(batch):
-                m = int(enc.attention_mask[index].sum())
+                m = lengths[index]
                 chosen = head_entries(res.attributions[b, 0, head, :m, :m], layer, head, blocked, entries, max_tokens)
-                ids = enc.input_ids[index, :m].tolist()
-                pattern = pattern_from_entries(chosen, ids, enc.tokens[index], per_example[index][0], target, index)
+                ids, _ = corpus.tokenized.example(index)
+                pattern = pattern_from_entries(chosen, ids, corpus.tokenized.tokens[index], per_example[index][0],
+                                               target, index)  # fmt: skip
                 if pattern is not None:
                     found.append(pattern)
             bar.update(len(batch))
@@ -908,7 +906,7 @@ def evaluate(
 
     from attattr_fast.adapters import EncoderAdapter
     from attattr_fast.adapters import max_length as longest_input
-    from attattr_fast.text import encode, model_max_length
+    from attattr_fast.text import model_max_length, tokenize
 
     _check_int(top_k, "top_k", 1)
     _check_int(control_draws, "control_draws", 0)
@@ -934,9 +932,8 @@ def evaluate(
                            f"0..{n_classes - 1}")
     _check_vocabulary(patterns, tokenizer)
 
-    enc = encode(tokenizer, [e.text for e in examples], [e.text_pair for e in examples], max_length=max_length)
-    lengths = enc.attention_mask.sum(1).tolist()
-    clean = [(enc.input_ids[b, :m].tolist(), enc.token_type_ids[b, :m].tolist()) for b, m in enumerate(lengths)]
+    tokenized = tokenize(tokenizer, [e.text for e in examples], [e.text_pair for e in examples], max_length=max_length)
+    clean = [tokenized.example(b) for b in range(len(examples))]
     special_ids = structural_special_ids(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     before = predict(model, clean, pad_id, batch_size)

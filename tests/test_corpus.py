@@ -539,3 +539,26 @@ def test_directory_in_use_is_refused(tmp_path, reference, corpus_file, tiny_mode
     finally:
         lock.release()
     assert run_cli(*argv) == 0
+
+
+def test_a_prepared_corpus_holds_real_tokens_only_and_pads_each_batch_like_the_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from attattr_fast.text import encode, tokenize
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    texts = ["good", "a much longer text than the others", "bad film", "fine"]
+    pairs = [None, None, "with a pair", None]
+    tokenized = tokenize(tokenizer, texts, pairs)
+    assert tokenized.ids.dtype == torch.int32 and tokenized.ids.numel() == sum(tokenized.lengths)
+    ids, mask, types = tokenized.padded([1, 0, 3])  # no pair: the tokenizer's own padding
+    expected = tokenizer([texts[i] for i in (1, 0, 3)], padding=True, return_tensors="pt")
+    assert torch.equal(ids, expected["input_ids"]) and torch.equal(mask, expected["attention_mask"])
+    assert torch.equal(types, expected["token_type_ids"])
+    ids, mask, types = tokenized.padded([0, 2], n=12)  # with a pair, padded further than its longest
+    alone = tokenizer(texts[2], pairs[2])
+    m = len(alone["input_ids"])
+    assert ids[1, :m].tolist() == alone["input_ids"] and types[1, :m].tolist() == alone["token_type_ids"]
+    assert mask[1].tolist() == [1] * m + [0] * (12 - m) and (ids[1, m:] == tokenizer.pad_token_id).all()
+    padded = encode(tokenizer, texts, pairs)
+    assert torch.equal(padded.input_ids, tokenized.padded(range(4))[0]) and padded.tokens == tokenized.tokens
