@@ -459,6 +459,18 @@ def test_completeness_on_minilm(builtin):
     assert deltas[0] > deltas[1] > deltas[2]
 
 
+def test_confident_predictions_of_a_trained_model_equal_the_reference(builtin):
+    """At p ≈ 0.994 the softmax's gradient needs 1 − p to more than float32 gives (it was 2.7e-5 off here)."""
+    model, tokenizer = builtin
+    enc = tokenizer(["Cold, dishonest and poorly acted."], return_tensors="pt")
+    args = (enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
+    got = AttentionAttribution(model).attribute(*args, n_steps=2, method="gausslegendre", output="reduced")
+    ref = reference.attribute(copy.deepcopy(model).double(), *args, n_steps=2, method="gausslegendre",
+                              dtype=torch.float64, output="reduced")  # fmt: skip
+    assert (ref.prob > 0.99).all(), ref.prob  # the confident case this checks
+    assert_close_per_layer(got.layer_attr, ref.layer_attr)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(attention_mask=torch.ones(2, 4, dtype=torch.long)), "attention_mask has shape"),
     (dict(token_type_ids=torch.zeros(1, 5, dtype=torch.long)), "token_type_ids has shape"),
