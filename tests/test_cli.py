@@ -39,6 +39,13 @@ def test_attribute_writes_results_equal_to_the_api(capsys, tmp_path, tiny_model_
     assert records[1].target == int(direct.target[0])
 
 
+def test_printed_records_come_in_input_order(capsys, tiny_model_dir):
+    code, out, _ = run_cli(capsys, "attribute", "--model", str(tiny_model_dir), "--steps", "1", "--no-progress",
+                           "--text", "a much longer text than the next one", "--text", "short")  # fmt: skip
+    heads = [line.split("]")[0] for line in out.splitlines() if line.startswith("[")]
+    assert code == 0 and heads == ["[0", "[1"], out
+
+
 def test_compile_option_reaches_the_engine(capsys, tmp_path, tiny_model_dir, monkeypatch):
     """--compile builds the attributor with compile=True (compiled results: tests/test_engine.py)."""
     import attattr_fast.api

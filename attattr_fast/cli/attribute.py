@@ -137,15 +137,16 @@ def run(args: argparse.Namespace) -> int:
         corpus = corpora.prepare(aa, tokenizer, examples, truncate=not args.no_truncate)
         targets = corpora.resolve_targets(args.target, corpus, aa)
         options = dict(layers=layers, n_steps=n_steps, method=method, output=args.output, dtype=dtype)
-        show = None if args.quiet else (lambda records: [print_record(r, top) for r in records])
+        show = None if args.quiet else (lambda records: [print(format_record(r, top)) for r in records])
         progress = not args.no_progress
 
         if args.out is None:
             records = corpora.attribute_corpus(aa, corpus, targets, batch_size=batch_size, top_k=top,
                                                progress=progress, memory_budget=budget, **options)  # fmt: skip
-            for record in records:
-                if show is not None:
-                    show([record])
+            # the engine runs them shortest first; they print in input order at the end (as text: the tensors go)
+            printed = {record.index: None if args.quiet else format_record(record, top) for record in records}
+            if not args.quiet:
+                print("\n".join(printed[index] for index in sorted(printed)))
             return 0
 
         meta = {
@@ -169,14 +170,16 @@ def run(args: argparse.Namespace) -> int:
         dist.close()
 
 
-def print_record(record, top: int) -> None:
+def format_record(record, top: int) -> str:
+    """A record's prediction and, per layer, its `top` strongest interactions (key→query score), as lines."""
     tokens = record.tokens
     text = record.text if record.text_pair is None else f"{record.text} || {record.text_pair}"
-    print(f"[{record.index}] {record.target_label} p={record.prob:.3f}  {text}")
+    lines = [f"[{record.index}] {record.target_label} p={record.prob:.3f}  {text}"]
     for li, layer in enumerate(record.layers):
         parts = []
         for q, k, s in zip(record.top_query[li].tolist(), record.top_key[li].tolist(), record.top_score[li].tolist()):
             if q < 0:
                 break
             parts.append(f"{tokens[k]}→{tokens[q]} {s:+.3g}")
-        print(f"  layer {layer:>2}: " + ", ".join(parts[:top]))
+        lines.append(f"  layer {layer:>2}: " + ", ".join(parts[:top]))
+    return "\n".join(lines)
