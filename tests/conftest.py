@@ -27,14 +27,15 @@ def pytest_collection_modifyitems(config, items):
 
 
 def tiny_classifier(family: str = "bert", *, layers: int = 3, heads: int = 4, hidden: int = 32,
-                    num_labels: int = 3, seed: int = 0, dtype=torch.float32):
-    """A small random *ForSequenceClassification in eval mode (vocabulary 100, 64 positions)."""
+                    num_labels: int = 3, seed: int = 0, dtype=torch.float32, **config):
+    """A small random *ForSequenceClassification in eval mode (vocabulary 100, 64 positions); `config`
+    overrides settings of the transformers config."""
     import transformers as T
 
     torch.manual_seed(seed)
     common = dict(vocab_size=100, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                   intermediate_size=2 * hidden + 5, num_labels=num_labels, max_position_embeddings=160,
-                  type_vocab_size=2)  # fmt: skip
+                  type_vocab_size=2, **config)  # fmt: skip
     if family == "bert":
         model = T.BertForSequenceClassification(T.BertConfig(**common))
     elif family == "roberta":

@@ -22,6 +22,25 @@ def test_adapter_reproduces_transformers_logits(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_adapter_reproduces_logits_of_order_one_relative_to_their_size(family):
+    """The init's logits are about 0.02, where an absolute 1e-5 allows 1e-3 relative: here weights of std 0.3 and
+    a LayerNorm epsilon of 0.1 make every setting of each layer visible in logits of order 1."""
+    model = tiny_classifier(family, layer_norm_eps=0.1)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(5)
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embeddings" not in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    ids, mask, types = padded_batch(model, [9, 6, 1], pair_at=4)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+    got = adapter_for(model).forward(ids, mask, types)
+    scale = expected.abs().max().item()
+    assert scale > 0.5, scale
+    assert (got - expected).abs().max().item() <= 1e-5 * scale
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_head_gate_equals_zeroing_that_heads_values(family):
     """A gated head contributes no context: the same as zeroing its rows of W_V and b_V."""
     model = tiny_classifier(family)

@@ -122,6 +122,25 @@ def test_records_equal_direct_attribution(reference, corpus_file, tiny_model_dir
         torch.testing.assert_close(r.top_score, direct.top_k.score[0], equal_nan=True)
 
 
+def test_gold_targets_follow_their_examples_through_the_length_order(corpus_file, tiny_model_dir):
+    from attattr_fast.datasets import read_examples
+
+    model, tokenizer = load_classifier(tiny_model_dir)
+    aa = AttentionAttribution(model)
+    examples = read_examples(corpus_file)[:12]
+    corpus = prepare(aa, tokenizer, examples)
+    assert corpus.lengths != sorted(corpus.lengths)  # the engine's order is not the input order
+    targets = resolve_targets("gold", corpus, aa)
+    assert targets == [model.config.label2id[e.label] for e in examples] and len(set(targets)) == 2
+    records = {r.index: r for r in attribute_corpus(aa, corpus, targets, batch_size=5, progress=False, n_steps=3)}
+    assert [records[i].target for i in range(12)] == targets
+    for i in range(12):
+        enc = tokenizer([examples[i].text], return_tensors="pt")
+        direct = aa.attribute(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"], target=targets[i],
+                              n_steps=3, output="reduced")  # fmt: skip
+        torch.testing.assert_close(records[i].layer_attr, direct.layer_attr[0], rtol=1e-5, atol=1e-6)
+
+
 def test_shards_are_length_buckets(reference):
     manifest = json.loads((reference / "manifest.json").read_text())
     records = load_results(reference)
@@ -239,6 +258,9 @@ def test_rerun_of_a_finished_run_recomputes_nothing(tmp_path, reference, corpus_
     (["--store-dtype", "float16"], "store_dtype"),
     (["--output", "reduced"], "output"),
     (["--shard-size", "5"], "shard_size: 4 there, 5 now"),
+    (["--top", "5"], "top_k: 3 there, 5 now"),
+    (["--dtype", "bfloat16"], "dtype: \"float32\" there, \"bfloat16\" now"),
+    (["--target", "positive"], "targets_sha256: \"predicted\""),
 ])  # fmt: skip
 def test_different_settings_are_refused(tmp_path, reference, corpus_file, tiny_model_dir, capsys, change, message):
     out = tmp_path / "out"

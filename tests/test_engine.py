@@ -55,6 +55,35 @@ def test_engine_equals_reference(family_model, method, n_steps):
     torch.testing.assert_close(got.delta.double(), expected_delta, atol=1e-6, rtol=0)
 
 
+def test_head_argmax_and_top_k_point_at_the_reference_scores(family_model):
+    """Checked against the reference's own tensors with numpy, not through the shared reductions: each head's
+    (i, j) holds its maximum, and each top-k entry (query, key) holds its score and is among the k largest."""
+    model, (ids, mask, types) = family_model
+    k = 6
+    got = AttentionAttribution(model).attribute(ids, mask, types, n_steps=7, method="gausslegendre", top_k=k,
+                                                layers=[1, 0], internal_batch_size=5)  # fmt: skip
+    ref = reference.attribute(model, ids, mask, types, n_steps=7, method="gausslegendre", dtype=torch.float64,
+                              layers=[1, 0])  # fmt: skip
+    assert_close_per_layer(got.attributions, ref.attributions)  # layers out of order, chunks across examples
+    attributions, layer_attr = ref.attributions.double().numpy(), ref.layer_attr.double().numpy()
+    for b, length in enumerate(mask.sum(1).tolist()):
+        for li in range(2):
+            tol = RTOL_F32 * np.abs(attributions[b, li]).max()
+            for h in range(attributions.shape[2]):
+                real = attributions[b, li, h, :length, :length]
+                i, j = got.head_argmax[b, li, h].tolist()
+                assert i < length and j < length and real[i, j] >= real.max() - tol
+            real = layer_attr[b, li, :length, :length]
+            assert length == 1 or not np.allclose(real, real.T)  # a swapped query and key would show
+            kth = np.sort(real.ravel())[::-1][: min(k, real.size)]
+            query, key, score = (t[b, li].numpy() for t in (got.top_k.query, got.top_k.key, got.top_k.score))
+            present = query >= 0
+            assert present.sum() == min(k, real.size) and (query[~present] == -1).all()
+            picked = real[query[present], key[present]]
+            np.testing.assert_allclose(score[present], picked, rtol=0, atol=tol)
+            np.testing.assert_allclose(picked, kth, rtol=0, atol=2 * tol)
+
+
 def test_padding_is_zero_and_head_max_ignores_it():
     model = tiny_classifier("bert")
     ids, mask, types = padded_batch(model, [7, 3])

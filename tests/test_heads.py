@@ -143,6 +143,18 @@ def test_gating_no_head_gives_the_unpruned_accuracy_and_gating_all_gives_zero_at
     gold = torch.softmax(plain, -1).gather(1, labels[:, None]).mean().item()
     assert curves["gold_probability"]["random"][0] == pytest.approx(gold, rel=1e-6)
     assert plain.argmax(-1).ne(silent.argmax(-1)).any() or not torch.allclose(plain, silent)
+    # half the heads: the 6 lowest-scored, gated by hand on transformers' model
+    scale = torch.ones(len(labels), 3, 4)
+    for flat in torch.argsort(importance["random"].flatten())[:6].tolist():
+        scale[:, flat // 4, flat % 4] = 0
+    with torch.no_grad():
+        half = _logits(model, ids, mask, types, scale)
+    assert curves["accuracy"]["random"][1] == pytest.approx((half.argmax(-1) == labels).float().mean().item())
+    half_gold = torch.softmax(half, -1).gather(1, labels[:, None]).mean().item()
+    assert curves["gold_probability"]["random"][1] == pytest.approx(half_gold, rel=1e-5)
+    reverse = heads.pruning_curves(model, {"reverse": -importance["random"]}, ids, labels, mask, types,
+                                   fractions=(0.5,))  # fmt: skip
+    assert reverse["gold_probability"]["reverse"][0] != pytest.approx(half_gold, rel=1e-3)  # the order matters
 
 
 @pytest.mark.parametrize("family", ["bert", "roberta", "electra"])

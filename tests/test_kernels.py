@@ -191,8 +191,9 @@ def test_head_argmax_first_in_row_major_order_across_tiles():
     assert torch.allclose(head_max[0].cpu(), torch.full((2,), 1 / n))
 
 
-def test_negative_attributions_give_the_least_negative_maximum():
-    inp = make_inputs([26, 26], heads=2, head_dim=32, seed=11)
+@pytest.mark.parametrize("lengths", [[26, 26], [26, 11]])  # with padding: its zeros must not win the maximum
+def test_negative_attributions_give_the_least_negative_maximum(lengths):
+    inp = make_inputs(lengths, heads=2, head_dim=32, seed=11)
     inp["context_grad"] = -inp["context_grad"].abs()
     inp["v"] = inp["v"].abs()
     got = run_kernel(inp, full=False, block_m=16, block_n=16)
