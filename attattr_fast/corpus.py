@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 SHARD_BYTES = 256 << 20  # a shard is held in memory until it is written; this bounds it for long inputs
 MAX_EXAMPLES_PER_CALL = 1024
+FINGERPRINT_ENTRIES = 1 << 22  # padded entries hashed at a time (32 MiB of int64)
 MANIFEST_INTERVAL_S = 10.0  # rank 0 refreshes manifest.json at most this often while running
 OUT_OF_MEMORY = engine.OUT_OF_MEMORY
 DTYPE_NAMES = {None: "float32", torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -97,12 +98,16 @@ def config_fingerprint(config) -> str:
 
 
 def encoded_fingerprint(tokenized: Tokenized) -> str:
-    """sha256 of the examples' lengths, token ids and segments: what the model sees, tokenizer and truncation
-    included."""
+    """sha256 of the token ids, masks and segments as the model sees them, tokenizer and truncation included:
+    each as one int64 tensor [N, longest], the digest results directories have always recorded (so a run
+    resumes across versions), hashed a few million entries at a time rather than padded all at once."""
+    count, longest = len(tokenized.tokens), max(tokenized.lengths)
+    step = max(1, FINGERPRINT_ENTRIES // longest)
     digest = hashlib.sha256()
-    for tensor in (tokenized.offsets, tokenized.ids, tokenized.types):
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.contiguous().numpy())
+    for part in range(3):  # input_ids, attention_mask, token_type_ids
+        digest.update(str((count, longest)).encode())
+        for begin in range(0, count, step):
+            digest.update(tokenized.padded(list(range(begin, min(begin + step, count))), longest)[part].numpy())
     return digest.hexdigest()
 
 

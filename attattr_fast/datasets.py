@@ -16,6 +16,8 @@ from pathlib import Path
 
 from attattr_fast.errors import AttAttrError
 
+COLUMNS = ("text", "text_pair", "label")  # the columns read; any others are ignored
+
 
 @dataclass
 class Example:
@@ -58,7 +60,7 @@ def read_examples(path: str | Path) -> list[Example]:
                 dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {"delimiter": ","}
                 reader = csv.DictReader(f, strict=True, **dialect)
                 header = reader.fieldnames or []
-                repeated = sorted({name for name in header if header.count(name) > 1})
+                repeated = [name for name in COLUMNS if header.count(name) > 1]  # others are not read
                 if repeated:
                     raise AttAttrError(f"{path}: the header names {', '.join(map(repr, repeated))} more than once")
                 records = []

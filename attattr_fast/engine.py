@@ -152,10 +152,11 @@ class TokenLayout:
 
 
 def target_probability(logits: Tensor, target: Tensor) -> Tensor:
-    """F: the softmax probability of the target class, float32 [R]. The softmax runs in float64: its gradient
-    p_t(δ − p) needs 1 − p_t, which float32 would give only to eps/(1 − p_t) for a confident prediction (1e-5
-    relative at p_t = 0.994), an error the backward carries into every attribution."""
-    wide = torch.float32 if logits.device.type == "mps" else torch.float64  # MPS has no float64
+    """F: the softmax probability of the target class, float32 [R]. On the CPU and CUDA the softmax runs in
+    float64: its gradient p_t(δ − p) needs 1 − p_t, which float32 gives only to eps/(1 − p_t) for a confident
+    prediction (1e-5 relative at p_t = 0.994), an error the backward carries into every attribution. Devices
+    without float64 (MPS, XPU, …) keep float32 and that error."""
+    wide = torch.float64 if logits.device.type in ("cpu", "cuda") else torch.float32
     return torch.softmax(logits.to(wide), dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1).float()
 
 

@@ -185,6 +185,9 @@ def test_text_files_split_only_at_newlines_and_take_long_fields(tmp_path):
     path = tmp_path / "lines.txt"  # U+2028 and a form feed are characters of a text, not line ends
     path.write_text("good film\u2028bad plot\x0cend\r\nsecond line\n", newline="")
     assert [e.text for e in read_examples(path)] == ["good film\u2028bad plot\x0cend", "second line"]
+    path = tmp_path / "excel.csv"  # empty trailing columns, named '' twice: not read, so not refused
+    path.write_text("text,label,,\ngood film,positive,,\n")
+    assert [(e.text, e.label) for e in read_examples(path)] == [("good film", "positive")]
     path = tmp_path / "long.tsv"  # beyond csv's default field limit of 128 KiB
     path.write_text("text\tlabel\n" + "word " * 40000 + "\tpositive\n")
     assert len(read_examples(path)[0].text) == 200000

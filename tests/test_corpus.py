@@ -563,16 +563,20 @@ def test_directory_in_use_is_refused(tmp_path, reference, corpus_file, tiny_mode
     assert run_cli(*argv) == 0
 
 
-def test_a_prepared_corpus_holds_real_tokens_only_and_pads_each_batch_like_the_tokenizer(tiny_model_dir):
+def test_a_prepared_corpus_holds_real_tokens_only_and_pads_each_batch_like_the_tokenizer(tiny_model_dir, monkeypatch):
+    import hashlib
+
     from transformers import AutoTokenizer
 
+    import attattr_fast.corpus as corpus_module
     from attattr_fast.text import encode, tokenize
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     texts = ["good", "a much longer text than the others", "bad film", "fine"]
     pairs = [None, None, "with a pair", None]
     tokenized = tokenize(tokenizer, texts, pairs)
-    assert tokenized.ids.dtype == torch.int32 and tokenized.ids.numel() == sum(tokenized.lengths)
+    singles = [len(tokenizer(t, p)["input_ids"]) for t, p in zip(texts, pairs)]
+    assert tokenized.ids.dtype == torch.int32 and tokenized.lengths == singles and tokenized.ids.numel() == sum(singles)
     ids, mask, types = tokenized.padded([1, 0, 3])  # no pair: the tokenizer's own padding
     expected = tokenizer([texts[i] for i in (1, 0, 3)], padding=True, return_tensors="pt")
     assert torch.equal(ids, expected["input_ids"]) and torch.equal(mask, expected["attention_mask"])
@@ -584,3 +588,11 @@ def test_a_prepared_corpus_holds_real_tokens_only_and_pads_each_batch_like_the_t
     assert mask[1].tolist() == [1] * m + [0] * (12 - m) and (ids[1, m:] == tokenizer.pad_token_id).all()
     padded = encode(tokenizer, texts, pairs)
     assert torch.equal(padded.input_ids, tokenized.padded(range(4))[0]) and padded.tokens == tokenized.tokens
+    # the fingerprint results directories record: the padded int64 tensors' digest, whatever the chunking
+    digest = hashlib.sha256()
+    for tensor in (padded.input_ids, padded.attention_mask, padded.token_type_ids):
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.numpy())
+    for entries in (corpus_module.FINGERPRINT_ENTRIES, 20):  # one chunk, and chunks of 2 examples
+        monkeypatch.setattr(corpus_module, "FINGERPRINT_ENTRIES", entries)
+        assert corpus_module.encoded_fingerprint(tokenized) == digest.hexdigest()

@@ -7,6 +7,7 @@ With --out the run is resumable: the same command on the same directory continue
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import json
 import re
@@ -143,10 +144,17 @@ def run(args: argparse.Namespace) -> int:
         if args.out is None:
             records = corpora.attribute_corpus(aa, corpus, targets, batch_size=batch_size, top_k=top,
                                                progress=progress, memory_budget=budget, **options)  # fmt: skip
-            # the engine runs them shortest first; they print in input order at the end (as text: the tensors go)
-            printed = {record.index: None if args.quiet else format_record(record, top) for record in records}
-            if not args.quiet:
-                print("\n".join(printed[index] for index in sorted(printed)))
+            if args.quiet:
+                collections.deque(records, maxlen=0)
+                return 0
+            # The engine runs them shortest first; each prints once the ones before it in the input have (held
+            # as text meanwhile: the tensors go).
+            waiting, following = {}, 0
+            for record in records:
+                waiting[record.index] = format_record(record, top)
+                while following in waiting:
+                    print(waiting.pop(following), flush=True)
+                    following += 1
             return 0
 
         meta = {
