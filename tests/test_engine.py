@@ -73,6 +73,7 @@ def test_head_argmax_and_top_k_point_at_the_reference_scores(family_model):
                 real = attributions[b, li, h, :length, :length]
                 i, j = got.head_argmax[b, li, h].tolist()
                 assert i < length and j < length and real[i, j] >= real.max() - tol
+                assert abs(got.head_max[b, li, h].item() - real.max()) <= tol
             real = layer_attr[b, li, :length, :length]
             assert length == 1 or not np.allclose(real, real.T)  # a swapped query and key would show
             kth = np.sort(real.ravel())[::-1][: min(k, real.size)]
