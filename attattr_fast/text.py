@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from array import array
 from dataclasses import dataclass
 
@@ -101,7 +102,7 @@ def tokenize(
         types.extend(full.get("token_type_ids") or [0] * len(full["input_ids"]))
         offsets.append(len(ids))
         truncated.append(too_long)
-        tokens.append(tokenizer.convert_ids_to_tokens(full["input_ids"]))
+        tokens.append([sys.intern(t) for t in tokenizer.convert_ids_to_tokens(full["input_ids"])])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return Tokenized(_int32(ids), _int32(types), torch.tensor(offsets), tokens, truncated, pad)
 

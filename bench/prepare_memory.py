@@ -1,12 +1,14 @@
 """What a corpus costs before any attribution: the peak resident-set growth of `corpus.prepare` (tokenising
-and checking every example up front) for N two-word examples, alone and with one long example added.
+and checking every example up front) for N copies of a short review, alone and with one long example added.
 
 Each case runs in its own process, so one case's freed memory does not hide the next one's peak. Since
 `text.Tokenized` (unpadded tokens), one long example adds its own tokens only; before, the whole corpus was
-padded to the longest example (three int64 [N, longest] tensors on every rank).
+padded to the longest example (three int64 [N, longest] tensors on every rank). Since the token strings are
+interned, each token costs a pointer rather than a string of its own.
 
     python bench/prepare_memory.py                  # 100,000 examples on the built-in model's tokenizer
     python bench/prepare_memory.py --examples 1000000
+    python bench/prepare_memory.py --text "good movie"     # 4 tokens each
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def measure(examples: int, long_tokens: int) -> dict:
+REVIEW = "the acting is wonderful but the plot of this long film is slow and the ending is clumsy"
+
+
+def measure(examples: int, long_tokens: int, text: str) -> dict:
     """In this process: prepare's peak RSS growth (MiB) and seconds."""
     from attattr_fast import AttentionAttribution, load_classifier
     from attattr_fast.corpus import prepare
@@ -32,7 +37,7 @@ def measure(examples: int, long_tokens: int) -> dict:
 
     model, tokenizer = load_classifier()
     aa = AttentionAttribution(model)
-    data = [Example("good movie") for _ in range(examples)]
+    data = [Example(text) for _ in range(examples)]
     if long_tokens:
         data.append(Example(" ".join(["good"] * long_tokens)))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -48,11 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--examples", type=int, default=100_000)
     parser.add_argument("--long-tokens", type=int, default=500, help="words of the one long example")
+    parser.add_argument("--text", default=REVIEW, help="the text of every short example (default: 20 tokens)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--child", nargs=2, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(measure(*args.child)))
+        print(json.dumps(measure(*args.child, args.text)))
         return 0
 
     import torch
@@ -60,13 +66,14 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for long_tokens in (0, args.long_tokens):
-        child = subprocess.run([sys.executable, __file__, "--child", str(args.examples), str(long_tokens)],
-                               capture_output=True, text=True, check=True)  # fmt: skip
+        child = subprocess.run([sys.executable, __file__, "--child", str(args.examples), str(long_tokens),
+                                "--text", args.text], capture_output=True, text=True, check=True)  # fmt: skip
         row = json.loads(child.stdout.strip().splitlines()[-1])
         rows.append(row)
         print(f"{row['examples']:>9,} examples, longest {row['longest']:>4} tokens: prepare's peak RSS grew "
               f"{row['peak_rss_growth_mib']:.0f} MiB in {row['seconds']:.1f} s")
-    payload = {"benchmark": "prepare_memory", "environment": environment(torch.device("cpu")), "rows": rows}
+    payload = {"benchmark": "prepare_memory", "environment": environment(torch.device("cpu")), "text": args.text,
+               "rows": rows}
     print(f"wrote {write_json(payload, 'prepare_memory', torch.device('cpu'), args.out)}")
     return 0
 

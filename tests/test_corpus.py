@@ -575,6 +575,7 @@ def test_a_prepared_corpus_holds_real_tokens_only_and_pads_each_batch_like_the_t
     texts = ["good", "a much longer text than the others", "bad film", "fine"]
     pairs = [None, None, "with a pair", None]
     tokenized = tokenize(tokenizer, texts, pairs)
+    assert tokenized.tokens[0][0] is tokenized.tokens[3][0]  # interned: one string per distinct token
     singles = [len(tokenizer(t, p)["input_ids"]) for t, p in zip(texts, pairs)]
     assert tokenized.ids.dtype == torch.int32 and tokenized.lengths == singles and tokenized.ids.numel() == sum(singles)
     ids, mask, types = tokenized.padded([1, 0, 3])  # no pair: the tokenizer's own padding
