@@ -138,7 +138,6 @@ def run(args: argparse.Namespace) -> int:
         corpus = corpora.prepare(aa, tokenizer, examples, truncate=not args.no_truncate)
         targets = corpora.resolve_targets(args.target, corpus, aa)
         options = dict(layers=layers, n_steps=n_steps, method=method, output=args.output, dtype=dtype)
-        show = None if args.quiet else (lambda records: [print(format_record(r, top)) for r in records])
         progress = not args.no_progress
 
         if args.out is None:
@@ -165,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
             "labels": {str(k): v for k, v in (aa.adapter.config.id2label or {}).items()},
             "processes": dist.world_size,
         }
+        show = None if args.quiet else (lambda records: [print(format_record(r, top)) for r in records])
         stats = corpora.run_corpus(aa, corpus, targets, args.out, meta, shard_size=shard_size,
                                    store_dtype=store_dtype, top_k=top, repair=args.repair, progress=progress,
                                    batch_size=batch_size, memory_budget=budget, dist=dist, on_records=show,
