@@ -80,31 +80,53 @@ def tokenize(
         raise AttAttrError("no examples to encode")
     pairs = text_pairs or [None] * len(texts)
     ids, types, offsets, tokens, truncated = array("i"), array("i"), [0], [], []
-    for i, (text, pair) in enumerate(zip(texts, pairs)):
-        if text is None or not str(text).strip():
-            raise AttAttrError(f"example {i}: the text is empty")
-        if pair is not None and not str(pair).strip():
-            raise AttAttrError(f"example {i}: the text pair is empty")
-        if not is_unicode(str(text)) or (pair is not None and not is_unicode(str(pair))):
-            raise AttAttrError(f"example {i}: not valid Unicode text (a lone surrogate)")
-        full = tokenizer(text, pair, truncation=False, add_special_tokens=True)
-        if len(full["input_ids"]) <= tokenizer.num_special_tokens_to_add(pair=pair is not None):
-            raise AttAttrError(f"example {i}: the text has no tokens (only invisible characters?)")
-        too_long = len(full["input_ids"]) > max_length
-        if too_long:
-            if not truncate:
-                raise AttAttrError(
-                    f"example {i}: {len(full['input_ids'])} tokens, more than the model's {max_length}"
-                )
-            log.warning("example %d: %d tokens truncated to %d", i, len(full["input_ids"]), max_length)
-            full = tokenizer(text, pair, truncation=True, max_length=max_length)
-        ids.extend(full["input_ids"])
-        types.extend(full.get("token_type_ids") or [0] * len(full["input_ids"]))
-        offsets.append(len(ids))
-        truncated.append(too_long)
-        tokens.append([sys.intern(t) for t in tokenizer.convert_ids_to_tokens(full["input_ids"])])
+    for begin in range(0, len(texts), TOKENIZE_BATCH):
+        batch = range(begin, min(begin + TOKENIZE_BATCH, len(texts)))
+        for i in batch:
+            _check_text(i, texts[i], pairs[i])
+        for i, (full, segments) in zip(batch, _tokenize_batch(tokenizer, texts, pairs, batch)):
+            if len(full) <= tokenizer.num_special_tokens_to_add(pair=pairs[i] is not None):
+                raise AttAttrError(f"example {i}: the text has no tokens (only invisible characters?)")
+            too_long = len(full) > max_length
+            if too_long:
+                if not truncate:
+                    raise AttAttrError(f"example {i}: {len(full)} tokens, more than the model's {max_length}")
+                log.warning("example %d: %d tokens truncated to %d", i, len(full), max_length)
+                kept = tokenizer(texts[i], pairs[i], truncation=True, max_length=max_length)
+                full, segments = kept["input_ids"], kept.get("token_type_ids")
+            ids.extend(full)
+            types.extend(segments or [0] * len(full))
+            offsets.append(len(ids))
+            truncated.append(too_long)
+            tokens.append([sys.intern(t) for t in tokenizer.convert_ids_to_tokens(full)])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return Tokenized(_int32(ids), _int32(types), torch.tensor(offsets), tokens, truncated, pad)
+
+
+TOKENIZE_BATCH = 1024  # examples per tokenizer call: one call per example costs about twice as much
+
+
+def _check_text(i: int, text, pair) -> None:
+    if text is None or not str(text).strip():
+        raise AttAttrError(f"example {i}: the text is empty")
+    if pair is not None and not str(pair).strip():
+        raise AttAttrError(f"example {i}: the text pair is empty")
+    if not is_unicode(str(text)) or (pair is not None and not is_unicode(str(pair))):
+        raise AttAttrError(f"example {i}: not valid Unicode text (a lone surrogate)")
+
+
+def _tokenize_batch(tokenizer, texts: list, pairs: list, batch: range) -> list[tuple[list[int], list[int] | None]]:
+    """(untruncated token ids, token types or None) of examples `batch`, in order: one tokenizer call for the
+    single texts among them and one for the pairs."""
+    out = {}
+    singles = [i for i in batch if pairs[i] is None]
+    paired = [i for i in batch if pairs[i] is not None]
+    for indices, second in ((singles, None), (paired, [pairs[i] for i in paired])):
+        if indices:
+            encoded = tokenizer([texts[i] for i in indices], second, truncation=False, add_special_tokens=True)
+            segments = encoded.get("token_type_ids") or [None] * len(indices)
+            out.update(zip(indices, zip(encoded["input_ids"], segments)))
+    return [out[i] for i in batch]
 
 
 def _int32(values: array) -> Tensor:

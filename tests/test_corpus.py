@@ -597,3 +597,25 @@ def test_a_prepared_corpus_holds_real_tokens_only_and_pads_each_batch_like_the_t
     for entries in (corpus_module.FINGERPRINT_ENTRIES, 20):  # one chunk, and chunks of 2 examples
         monkeypatch.setattr(corpus_module, "FINGERPRINT_ENTRIES", entries)
         assert corpus_module.encoded_fingerprint(tokenized) == digest.hexdigest()
+
+
+def test_batched_tokenizing_equals_one_tokenizer_call_per_example(tiny_model_dir, monkeypatch):
+    from transformers import AutoTokenizer
+
+    import attattr_fast.text as text_module
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    words = ["good", "bad", "film", "the", "plot", "fine"]
+    texts = [" ".join(words[(i + k) % 6] for k in range(1 + 3 * i)) for i in range(7)]
+    pairs = [None, "a pair", None, None, "another much longer pair of words", None, "fine"]
+    monkeypatch.setattr(text_module, "TOKENIZE_BATCH", 3)  # batches mixing singles and pairs, a short last one
+    tokenized = text_module.tokenize(tokenizer, texts, pairs, max_length=12)
+    for i, (text, pair) in enumerate(zip(texts, pairs)):
+        alone = tokenizer(text, pair, truncation=True, max_length=12)
+        assert tokenized.example(i) == (alone["input_ids"], alone["token_type_ids"])
+        assert tokenized.tokens[i] == tokenizer.convert_ids_to_tokens(alone["input_ids"])
+        assert tokenized.truncated[i] == (len(tokenizer(text, pair)["input_ids"]) > 12)
+    assert any(tokenized.truncated) and not all(tokenized.truncated)
+    kept = [0, 1, 2, 4]  # the first one too long is the second batch's first
+    with pytest.raises(AttAttrError, match="example 3: 22 tokens, more than the model's 12"):
+        text_module.tokenize(tokenizer, [texts[i] for i in kept], [pairs[i] for i in kept], 12, truncate=False)
