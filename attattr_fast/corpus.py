@@ -21,6 +21,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -370,6 +371,33 @@ def describe_input(source: dict[str, Any], corpus: PreparedCorpus) -> dict[str, 
     return {**source, "n_examples": len(corpus.examples), "encoded_sha256": encoded_fingerprint(corpus.tokenized)}
 
 
+class BackgroundWrites:
+    """Shards written on a background thread while the engine computes the next one. On a GPU the process
+    mostly waits for the device, and writing a shard (float16 encoding, serialising, checksums, the file
+    writes) would otherwise add its time to every shard's. At most one shard is pending, so memory holds at
+    most two shards' records."""
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attattr-write")
+        self._pending: Future | None = None
+
+    def submit(self, write: Callable[..., dict[str, Any]], *args) -> list[dict[str, Any]]:
+        """Starts `write(*args)` once the previous write is done; returns the commits finished meanwhile (an
+        error of that write is raised here)."""
+        done = self.drain()
+        self._pending = self._pool.submit(write, *args)
+        return done
+
+    def drain(self) -> list[dict[str, Any]]:
+        """Waits for the pending write; its commit (an error of the write is raised here)."""
+        pending, self._pending = self._pending, None
+        return [] if pending is None else [pending.result()]
+
+    def close(self) -> None:
+        """Lets a pending write finish, then stops the thread."""
+        self._pool.shutdown(wait=True)
+
+
 def run_corpus(
     aa: AttentionAttribution,
     corpus: PreparedCorpus,
@@ -457,6 +485,21 @@ def run_corpus(
     desc = "attributing" if dist.world_size == 1 else f"attributing (rank 0 of {dist.world_size})"
     bar = tqdm(total=sum(len(plan[p]) for p in mine), unit="ex", desc=desc, dynamic_ncols=True,
                disable=not progress or not dist.is_main)  # fmt: skip
+
+    def written(commit: dict[str, Any]) -> None:
+        nonlocal n_done, tokens, commits, last_manifest
+        n_done += commit["n"]
+        tokens += sum(lengths[i] for i in commit["indices"])
+        release_freed_memory()
+        if dist.is_main:
+            commits[commit["name"]] = commit
+            if time.monotonic() - last_manifest >= MANIFEST_INTERVAL_S:
+                if dist.world_size > 1:
+                    commits = results.read_commits(directory)[0]  # the other ranks' shards too
+                results.write_manifest(directory, meta, plan, commits, complete=False)
+                last_manifest = time.monotonic()
+
+    writes = BackgroundWrites()
     try:
         for p in mine:
             shard: list[Record] = []
@@ -465,18 +508,12 @@ def run_corpus(
                 bar.update(len(records))
                 if on_records is not None:
                     on_records(records)
-            commit = results.write_shard(directory, results.shard_name(p), shard, store_dtype, dist.rank)
-            n_done += len(shard)
-            tokens += sum(lengths[i] for i in plan[p])
+            for commit in writes.submit(results.write_shard, directory, results.shard_name(p), shard, store_dtype,
+                                        dist.rank):  # fmt: skip
+                written(commit)
             del shard
-            release_freed_memory()
-            if dist.is_main:
-                commits[commit["name"]] = commit
-                if time.monotonic() - last_manifest >= MANIFEST_INTERVAL_S:
-                    if dist.world_size > 1:
-                        commits = results.read_commits(directory)[0]  # the other ranks' shards too
-                    results.write_manifest(directory, meta, plan, commits, complete=False)
-                    last_manifest = time.monotonic()
+        for commit in writes.drain():
+            written(commit)
         bar.close()
         seconds = time.perf_counter() - start
         dist.barrier()  # every rank's commits are on disk before rank 0 merges them
@@ -487,6 +524,7 @@ def run_corpus(
             complete = all(results.shard_name(p) in commits for p in range(len(plan)))
             results.write_manifest(directory, meta, plan, commits, complete=complete)
     finally:
+        writes.close()  # a shard already computed is still written, so a rerun keeps it
         bar.close()
         if lock is not None:
             lock.release()

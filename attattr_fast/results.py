@@ -134,15 +134,23 @@ def encode_wide(value: Tensor, store_dtype: torch.dtype) -> tuple[Tensor, int]:
         return value.to(store_dtype), 0
     largest = float(value.abs().max()) if value.numel() else 0.0
     shift = 0 if largest == 0.0 or not math.isfinite(largest) else 15 - math.frexp(largest)[1]
-    # in float64: for values near float32's smallest, 2**shift itself exceeds float32's range
-    return torch.ldexp(value.double(), torch.tensor(float(shift), dtype=torch.float64)).to(torch.float16), shift
+    return times_power_of_two(value, shift).to(torch.float16), shift
 
 
 def decode_wide(value: Tensor, shift: int) -> Tensor:
     """float32 values of a stored wide tensor (multiplying by a power of two is exact)."""
-    if not shift:
+    return times_power_of_two(value, -shift)
+
+
+def times_power_of_two(value: Tensor, exponent: int) -> Tensor:
+    """value · 2**exponent in float32, rounded once as in exact arithmetic. Where 2**exponent itself is outside
+    float32's range (scales for values near float32's smallest reach 2**163), in two steps: the first is exact
+    for every float16 or float32 input whose result float32 or float16 can hold."""
+    if not exponent:
         return value.float()
-    return torch.ldexp(value.double(), torch.tensor(float(-shift), dtype=torch.float64)).float()
+    first = exponent // 2 if abs(exponent) > 126 else exponent
+    scaled = value.float() * 2.0**first
+    return scaled.mul_(2.0 ** (exponent - first)) if exponent != first else scaled
 
 
 def write_shard(directory: str | Path, name: str, records: list[Record], store_dtype: torch.dtype = torch.float32,

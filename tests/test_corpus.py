@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from attattr_fast import AttentionAttribution, engine, load_classifier, load_results
+from attattr_fast import AttentionAttribution, engine, load_classifier, load_results, results
 from attattr_fast.cli import main
 from attattr_fast.corpus import ChunkPlanner, attribute_corpus, plan_shards, prepare, resolve_targets, run_corpus
 from attattr_fast.errors import AttAttrError
@@ -474,6 +474,50 @@ def test_out_of_memory_at_one_row_is_an_error(tmp_path, prepared, monkeypatch):
     with pytest.raises(AttAttrError, match="out of memory on example .* even with one row per chunk"):
         run_library(aa, corpus, targets, tmp_path / "out")
     assert not list((tmp_path / "out").glob("shard-*"))  # nothing half-written
+
+
+def test_a_failed_background_write_stops_the_run_and_a_rerun_completes_it(tmp_path, reference, prepared, monkeypatch):
+    """Shards are written while the next one computes: a write's error is the run's error, the shards written
+    before it stay, and a rerun resumes to the uninterrupted result."""
+    aa, corpus, targets = prepared
+    real, calls = results.write_shard, []
+
+    def write_shard(directory, name, *args):
+        calls.append(name)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device (injected)")
+        return real(directory, name, *args)
+
+    monkeypatch.setattr(results, "write_shard", write_shard)
+    with pytest.raises(OSError, match="No space left"):
+        run_library(aa, corpus, targets, tmp_path / "out")
+    assert commits(tmp_path / "out") == [f"{name}.commit.json" for name in sorted(calls[:2])]
+    monkeypatch.setattr(results, "write_shard", real)
+    run_library(aa, corpus, targets, tmp_path / "out")
+    assert_same_records(load_results(tmp_path / "out"), load_results(reference))
+
+
+def test_a_shard_computed_before_an_engine_error_is_still_written(tmp_path, prepared, monkeypatch):
+    aa, corpus, targets = prepared
+    real, calls = aa.attribute, []
+
+    def attribute(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("engine failed (injected)")
+        return real(*args, **kwargs)
+
+    write_shard = results.write_shard
+
+    def slow_write_shard(*args):
+        time.sleep(0.5)  # still writing when the engine fails
+        return write_shard(*args)
+
+    monkeypatch.setattr(aa, "attribute", attribute)
+    monkeypatch.setattr(results, "write_shard", slow_write_shard)
+    with pytest.raises(RuntimeError, match="injected"):
+        run_library(aa, corpus, targets, tmp_path / "out", batch_size=SHARD)
+    assert len(commits(tmp_path / "out")) == 2  # the second was pending when the third call failed
 
 
 def test_calls_are_sized_from_the_memory_budget(tmp_path, reference, prepared, monkeypatch):

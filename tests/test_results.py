@@ -111,6 +111,21 @@ def test_float16_store_keeps_values_near_float32s_smallest():
         assert ((back - value).abs() <= 2**-11 * largest).all(), (largest, back)
 
 
+def test_float16_store_scales_exactly_like_float64_arithmetic():
+    """Scaling in float32 (in two steps where 2**shift is outside its range) rounds like the exact product."""
+    from attattr_fast.results import decode_wide, encode_wide
+
+    generator = torch.Generator().manual_seed(0)
+    for exponent in (-149, -140, -126, -60, 0, 14, 15, 60, 126, 127):
+        value = torch.randn(2000, generator=generator).clamp(-1.9, 1.9)
+        value = value * torch.exp2(torch.randint(-40, 1, (2000,), generator=generator).float()) * 2.0**exponent
+        stored, shift = encode_wide(value, torch.float16)
+        exact = torch.ldexp(value.double(), torch.tensor(float(shift), dtype=torch.float64)).to(torch.float16)
+        assert torch.equal(stored.view(torch.int16), exact.view(torch.int16)), exponent
+        back = torch.ldexp(stored.double(), torch.tensor(float(-shift), dtype=torch.float64)).float()
+        assert torch.equal(decode_wide(stored, shift).view(torch.int32), back.view(torch.int32)), exponent
+
+
 def test_reader_is_lazy_and_checks_only_the_shards_it_touches(tmp_path, monkeypatch):
     records = [make_record(i, n=4) for i in range(12)]
     writer = ResultsWriter(tmp_path / "res", META, shard_size=2)
