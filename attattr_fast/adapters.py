@@ -107,11 +107,16 @@ class EncoderAdapter:
             self.n_heads = counts[0]
         self.scale = self.head_dim**-0.5
         self.eps = config.layer_norm_eps
-        self.num_labels = config.num_labels
         if self.num_labels < 2:  # F, the target class's softmax probability, would be 1 whatever the input
             raise UnsupportedModelError(
                 f"{type(model).__name__} has {self.num_labels} output (a regression head); attribution needs a "
                 "classifier of 2 or more classes"
+            )
+        problem = getattr(config, "problem_type", None)
+        if problem in ("regression", "multi_label_classification"):  # their outputs are not one softmax
+            raise UnsupportedModelError(
+                f"{type(model).__name__} is configured for {problem}; attattr-fast attributes the softmax "
+                "probability of one class (single-label classification)"
             )
         from transformers.activations import ACT2FN
 
@@ -129,6 +134,11 @@ class EncoderAdapter:
 
     def _head_activation(self, x: Tensor) -> Tensor:
         return torch.tanh(x)
+
+    @property
+    def num_labels(self) -> int:
+        """Classes of the head as it is now (a head replaced after this adapter was made counts)."""
+        return int(self._head_weights()["out_w"].shape[0])
 
     @property
     def device(self) -> torch.device:
@@ -161,8 +171,8 @@ class EncoderAdapter:
                 *_linear(layer.intermediate.dense), *_linear(layer.output.dense),
                 layer.output.LayerNorm.weight.detach(), layer.output.LayerNorm.bias.detach(),
             ]  # fmt: skip
-            layers.append(LayerWeights(*(t.to(dtype) for t in tensors)))
-        head = {k: v.to(dtype) for k, v in self._head_weights().items()}
+            layers.append(LayerWeights(*(_usable(t, dtype) for t in tensors)))
+        head = {k: _usable(v, dtype) for k, v in self._head_weights().items()}
         # a copy: a later change to head_gates must not reach a snapshot whose layer_gates are already derived
         gates = self.head_gates.to(device=self.device, dtype=dtype, copy=True)
         return Weights(layers=layers, gates=gates, head=head, dtype=dtype)
@@ -311,6 +321,13 @@ class ElectraAdapter(EncoderAdapter):
         return F.linear(x, project.weight.to(x.dtype), project.bias.to(x.dtype)).detach()
 
 
+def _usable(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """`weight` in `dtype` (no copy when it is already), as a normal tensor: weights made under
+    `torch.inference_mode()` are copied, since autograd may not save them."""
+    weight = weight.to(dtype)
+    return weight.clone() if weight.is_inference() else weight
+
+
 _ADAPTERS: dict[str, type[EncoderAdapter]] = {
     "BertForSequenceClassification": EncoderAdapter,
     "RobertaForSequenceClassification": RobertaAdapter,
@@ -321,6 +338,10 @@ _ADAPTERS: dict[str, type[EncoderAdapter]] = {
 
 def register_adapter(model_class: type | str, adapter_class: type[EncoderAdapter]) -> None:
     """Make `adapter_for` use `adapter_class` for models of `model_class` (a class or its name)."""
+    if not (isinstance(adapter_class, type) and issubclass(adapter_class, EncoderAdapter)):
+        raise TypeError(f"register_adapter needs a subclass of EncoderAdapter, got {adapter_class!r}")
+    if not isinstance(model_class, (str, type)):
+        raise TypeError(f"register_adapter needs a model class or its name, got {model_class!r}")
     name = model_class if isinstance(model_class, str) else model_class.__name__
     _ADAPTERS[name] = adapter_class
 
@@ -340,10 +361,41 @@ def adapter_class(model: torch.nn.Module) -> type[EncoderAdapter]:
 
 
 def adapter_for(model: torch.nn.Module) -> EncoderAdapter:
-    """The adapter of `model`; an `UnsupportedModelError` naming the supported classes otherwise."""
+    """The adapter of `model`; an `UnsupportedModelError` naming the supported classes otherwise. A subclass of
+    a supported class gets its parent's adapter only if that adapter computes the model's own logits."""
     if isinstance(model, EncoderAdapter):
         return model
-    return adapter_class(model)(model)
+    adapter = adapter_class(model)(model)
+    if type(model).__name__ not in _ADAPTERS:
+        _check_subclass(adapter)
+    return adapter
+
+
+def _check_subclass(adapter: EncoderAdapter) -> None:
+    """Refuses a subclass of a supported model whose forward the adapter does not reproduce (another head or
+    pooling, say): its attributions would be of another function. One forward of an 8-token probe."""
+    from attattr_fast.inputs import evaluation_mode
+
+    model = adapter.model
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, adapter.config.vocab_size, (2, 8), generator=generator).to(adapter.device)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    parent = next(c.__name__ for c in type(model).__mro__ if c.__name__ in _ADAPTERS)
+    with torch.no_grad(), evaluation_mode(model):
+        try:
+            own = model(input_ids=ids, attention_mask=mask).logits.double()
+        except Exception as exc:  # noqa: BLE001 - any failure means the subclass is not the parent's kind
+            raise UnsupportedModelError(f"{type(model).__name__} (a {parent}) does not run as {parent} does "
+                                        f"({type(exc).__name__}); register an adapter for it") from None  # fmt: skip
+        ours = adapter.forward(ids, mask).double()
+    exact = adapter.dtype in (torch.float32, torch.float64)  # rounding apart, the same function agrees closely
+    tolerance = (1e-3 if exact else 3e-2) * float(own.abs().max()) + (1e-6 if exact else 1e-3)
+    if own.shape != ours.shape or float((own - ours).abs().max()) > tolerance:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} subclasses {parent} but computes other outputs than {parent}; attattr-fast "
+            "would attribute another function. Register an adapter for it (attattr_fast.register_adapter)"
+        )
 
 
 def max_length(model: torch.nn.Module) -> int:

@@ -124,7 +124,8 @@ class AttentionAttribution:
         """
         adapter = self.adapter
         alphas_np, weights_np = check_options(method, n_steps, output, dtype, internal_batch_size, top_k)
-        dtype = as_dtype(dtype)
+        dtype, top_k = as_dtype(dtype), int(top_k)
+        internal_batch_size = None if internal_batch_size is None else int(internal_batch_size)
         device = adapter.device
         input_ids = input_ids.to(device) if isinstance(input_ids, Tensor) else input_ids
         key_mask, token_type_ids, target, layers = validate_inputs(

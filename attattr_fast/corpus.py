@@ -342,6 +342,7 @@ class CorpusStats:
     total: int  # examples in the input
     oom_retries: int = 0
     processes: int = 1
+    write_wait_seconds: float = 0.0  # waiting for shard writes to finish (the slowest rank's, on rank 0)
 
     def summary(self) -> str:
         """One line: throughput and what was resumed."""
@@ -355,6 +356,8 @@ class CorpusStats:
             text += f", {self.skipped} examples already done"
         if self.oom_retries:
             text += f", {self.oom_retries} out-of-memory retries"
+        if self.write_wait_seconds >= 0.1:  # the engine waited for the disk (or the host) this long
+            text += f"; {self.write_wait_seconds:.1f} s waiting for shard writes"
         return text
 
 
@@ -380,6 +383,7 @@ class BackgroundWrites:
     def __init__(self):
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attattr-write")
         self._pending: Future | None = None
+        self.wait_seconds = 0.0  # the caller's time spent waiting for writes
 
     def submit(self, write: Callable[..., dict[str, Any]], *args) -> list[dict[str, Any]]:
         """Starts `write(*args)` once the previous write is done; returns the commits finished meanwhile (an
@@ -391,7 +395,13 @@ class BackgroundWrites:
     def drain(self) -> list[dict[str, Any]]:
         """Waits for the pending write; its commit (an error of the write is raised here)."""
         pending, self._pending = self._pending, None
-        return [] if pending is None else [pending.result()]
+        if pending is None:
+            return []
+        start = time.perf_counter()
+        try:
+            return [pending.result()]
+        finally:
+            self.wait_seconds += time.perf_counter() - start
 
     def close(self) -> None:
         """Lets a pending write finish, then stops the thread."""
@@ -529,7 +539,7 @@ def run_corpus(
         if lock is not None:
             lock.release()
     mine_stats = CorpusStats(n_done, tokens, seconds, len(mine), skipped, len(corpus.examples),
-                             counters.oom_retries, dist.world_size)  # fmt: skip
+                             counters.oom_retries, dist.world_size, writes.wait_seconds)  # fmt: skip
     gathered = dist.gather(mine_stats)
     if not dist.is_main:
         return mine_stats
@@ -542,4 +552,5 @@ def run_corpus(
         total=len(corpus.examples),
         oom_retries=sum(s.oom_retries for s in gathered),
         processes=dist.world_size,
+        write_wait_seconds=max(s.write_wait_seconds for s in gathered),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import numpy as np
@@ -33,6 +34,18 @@ def allows_autograd(fn):
     return outside_inference_mode
 
 
+@contextlib.contextmanager
+def evaluation_mode(model: torch.nn.Module):
+    """`model` in eval mode (no dropout) for the block; then every submodule back in its own mode."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 def as_dtype(dtype):
     """A torch dtype, or None, from a dtype or its name ("bfloat16", "float16", …)."""
     if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
@@ -59,10 +72,11 @@ def check_options(
         raise AttAttrError(f"unsupported dtype {dtype!r}; use torch.float32, torch.float64, torch.bfloat16 or "
                            "torch.float16 (or their names)")
     if internal_batch_size is not None and (
-        isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, int) or internal_batch_size < 1
+        isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, (int, np.integer))
+        or internal_batch_size < 1
     ):
         raise AttAttrError(f"internal_batch_size must be a positive integer, got {internal_batch_size!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
         raise AttAttrError(f"top_k must be a non-negative integer, got {top_k!r}")
     return alphas, weights
 
@@ -97,6 +111,9 @@ def validate_inputs(
     vocab = adapter.config.vocab_size
     if bool(((input_ids < 0) | (input_ids >= vocab)).any()):
         raise AttAttrError(f"input_ids holds ids outside the model's vocabulary (0..{vocab - 1})")
+    for name, value in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
+        if value is not None and not isinstance(value, Tensor):
+            raise AttAttrError(f"{name} must be None or a tensor of shape [batch, length], got {type(value).__name__}")
     if attention_mask is None:
         key_mask = torch.ones_like(input_ids, dtype=torch.bool)
     else:

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -93,6 +94,10 @@ class ZeroShotSentimentAdapter(EncoderAdapter):
     def _head_weights(self) -> dict[str, Tensor]:
         return {"labels": self.model.label_embeddings}
 
+    @property
+    def num_labels(self) -> int:
+        return int(self.model.label_embeddings.shape[0])
+
     def classify(self, w, hidden: Tensor, key_mask: Tensor | None) -> Tensor:
         embedding = ZeroShotSentimentClassifier.sentence_embedding(hidden, key_mask)
         return self.model.temperature * embedding @ w.head["labels"].T
@@ -165,6 +170,11 @@ def load_classifier(name_or_path: str | os.PathLike | None = None, num_labels: i
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     name = str(name_or_path)
+    if num_labels is not None and (isinstance(num_labels, bool) or not isinstance(num_labels, (int, np.integer))
+                                   or num_labels < 2):
+        raise AttAttrError(f"num_labels must be an integer of at least 2 (classes of the new head), got {num_labels!r}")
+    if os.path.isfile(name):
+        raise AttAttrError(f"{name!r} is a file; give the directory the model was saved to (save_pretrained)")
     try:
         config = AutoConfig.from_pretrained(name, local_files_only=True)
     except (OSError, ValueError) as exc:
@@ -178,7 +188,7 @@ def load_classifier(name_or_path: str | os.PathLike | None = None, num_labels: i
             f"unsupported model family {config.model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     # a new head of another size replaces a trained one (fine-tuning a classifier for another task)
-    kwargs = {} if num_labels is None else {"num_labels": num_labels, "ignore_mismatched_sizes": True}
+    kwargs = {} if num_labels is None else {"num_labels": int(num_labels), "ignore_mismatched_sizes": True}
     pruned = getattr(config, KEPT_HEADS_CONFIG_KEY, None) is not None
     if pruned and num_labels is not None and num_labels != config.num_labels:
         raise AttAttrError(

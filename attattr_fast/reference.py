@@ -21,7 +21,15 @@ from torch import Tensor
 
 from attattr_fast.adapters import adapter_for
 from attattr_fast.errors import AttAttrError
-from attattr_fast.inputs import allows_autograd, as_dtype, check_backend, check_options, row_dtype, validate_inputs
+from attattr_fast.inputs import (
+    allows_autograd,
+    as_dtype,
+    check_backend,
+    check_options,
+    evaluation_mode,
+    row_dtype,
+    validate_inputs,
+)
 from attattr_fast.reductions import masked_head_max, top_interactions
 from attattr_fast.result import AttributionResult
 
@@ -75,14 +83,12 @@ def _substituting(model: torch.nn.Module):
     previous = owner.config._attn_implementation
     base = model.base_model
     _current.layer_of = {id(layer.attention.self): i for i, layer in enumerate(base.encoder.layer)}
-    was_training = model.training
-    model.eval()
     owner.set_attn_implementation(_IMPLEMENTATION)
     try:
-        yield
+        with evaluation_mode(model):
+            yield
     finally:
         owner.set_attn_implementation(previous)
-        model.train(was_training)
         _current.__init__()
 
 
@@ -112,8 +118,11 @@ def attribute(
     runs in (None: float32, float64 models stay float64); `backend` is checked and ignored, as is
     `internal_batch_size`: every node is its own forward and backward."""
     alphas, weights = check_options(method, n_steps, output, dtype, internal_batch_size, top_k)
-    dtype = as_dtype(dtype)
+    dtype, top_k = as_dtype(dtype), int(top_k)
     meta = adapter_for(model)  # only for the model's sizes
+    if any(p.is_inference() for p in model.parameters()):
+        raise AttAttrError("the model's weights were made under torch.inference_mode(), and the reference runs the "
+                           "model's own autograd, which cannot use them: load the model outside inference mode")
     device = meta.device
     input_ids = input_ids.to(device) if isinstance(input_ids, Tensor) else input_ids
     key_mask, token_type_ids, target, layers = validate_inputs(

@@ -89,3 +89,68 @@ def test_relative_position_embeddings_are_refused():
     model.config.position_embedding_type = "relative_key"
     with pytest.raises(UnsupportedModelError, match="position_embedding_type"):
         adapter_for(model)
+
+
+def _mean_pooling_subclass():
+    """A subclass of BERT's classifier with the same modules but another head: the mean of the last states."""
+    import transformers as T
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    class MeanPoolBert(T.BertForSequenceClassification):
+        def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, **kwargs):
+            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)[0]
+            return SequenceClassifierOutput(logits=self.classifier(hidden.mean(1)))
+
+    class TaggedBert(T.BertForSequenceClassification):  # the parent's forward, one more attribute
+        tag = "mine"
+
+    return MeanPoolBert, TaggedBert
+
+
+def test_a_subclass_gets_its_parents_adapter_only_if_that_reproduces_it():
+    from attattr_fast import AttentionAttribution, reference
+
+    base = tiny_classifier("bert")
+    mean_pool, tagged = _mean_pooling_subclass()
+    for cls in (mean_pool, tagged):
+        model = cls(base.config).eval()
+        model.load_state_dict(base.state_dict())
+        if cls is mean_pool:
+            with pytest.raises(UnsupportedModelError, match="MeanPoolBert subclasses BertForSequenceClassification "
+                                                            "but computes other outputs"):  # fmt: skip
+                adapter_for(model)
+            continue
+        ids, mask, _ = padded_batch(model, [7, 4])
+        got = AttentionAttribution(model).attribute(ids, mask, n_steps=2, method="gausslegendre")
+        want = reference.attribute(model, ids, mask, n_steps=2, method="gausslegendre")
+        torch.testing.assert_close(got.attributions, want.attributions, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("problem", ["multi_label_classification", "regression"])
+def test_heads_that_are_not_one_softmax_are_refused(problem):
+    with pytest.raises(UnsupportedModelError, match=f"configured for {problem}"):
+        adapter_for(tiny_classifier("bert", problem_type=problem))
+
+
+def test_a_head_replaced_after_the_adapter_was_made_sets_the_classes():
+    from attattr_fast import AttAttrError, AttentionAttribution
+
+    model = tiny_classifier("bert", num_labels=3)
+    aa = AttentionAttribution(model)
+    ids, mask, _ = padded_batch(model, [6])
+    model.classifier = torch.nn.Linear(model.config.hidden_size, 5)
+    assert int(aa.attribute(ids, mask, target=4, n_steps=1, output="reduced").target[0]) == 4
+    model.classifier = torch.nn.Linear(model.config.hidden_size, 2)
+    with pytest.raises(AttAttrError, match="the model has 2 classes"):
+        aa.attribute(ids, mask, target=2, n_steps=1)
+
+
+def test_register_adapter_refuses_what_is_not_an_adapter_class():
+    from attattr_fast import register_adapter
+    from attattr_fast.adapters import EncoderAdapter
+
+    for bad in (None, object, EncoderAdapter(tiny_classifier("bert"))):
+        with pytest.raises(TypeError, match="subclass of EncoderAdapter"):
+            register_adapter("SomeModel", bad)
+    with pytest.raises(TypeError, match="model class or its name"):
+        register_adapter(3, EncoderAdapter)

@@ -520,6 +520,20 @@ def test_a_shard_computed_before_an_engine_error_is_still_written(tmp_path, prep
     assert len(commits(tmp_path / "out")) == 2  # the second was pending when the third call failed
 
 
+def test_the_summary_says_how_long_the_run_waited_for_shard_writes(tmp_path, prepared, monkeypatch):
+    aa, corpus, targets = prepared
+    write_shard = results.write_shard
+
+    def slow_write_shard(*args):
+        time.sleep(0.2)  # a slow disk: 10 shards, each slower to write than to compute
+        return write_shard(*args)
+
+    monkeypatch.setattr(results, "write_shard", slow_write_shard)
+    stats = run_library(aa, corpus, targets, tmp_path / "out")
+    assert 0.2 <= stats.write_wait_seconds <= stats.seconds
+    assert f"; {stats.write_wait_seconds:.1f} s waiting for shard writes" in stats.summary()
+
+
 def test_calls_are_sized_from_the_memory_budget(tmp_path, reference, prepared, monkeypatch):
     aa, corpus, targets = prepared
     budget = 3 << 20

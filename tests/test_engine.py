@@ -545,8 +545,7 @@ def test_ids_outside_the_vocabulary_raise(implementation):
 
 
 def test_a_regression_head_is_refused():
-    model = tiny_classifier("bert")
-    model.config.num_labels = 1
+    model = tiny_classifier("bert", num_labels=1)
     with pytest.raises(AttAttrError, match="regression head"):
         AttentionAttribution(model)
 
@@ -571,6 +570,49 @@ def test_dtype_names_and_inference_mode_give_the_same_scores():
     with torch.no_grad():
         assert torch.equal(aa.attribute(ids, mask, types, n_steps=3, backend="torch").attributions, exact.attributions)
         assert torch.equal(reference.attribute(model, ids, mask, types, n_steps=3).attributions, expected.attributions)
+
+
+def test_weights_made_in_inference_mode_are_attributed_and_the_reference_says_why_it_cannot():
+    """Serving code often loads models under torch.inference_mode(); autograd may not save such weights."""
+    model = tiny_classifier("bert")
+    ids, mask, types = padded_batch(model, [6, 4])
+    expected = AttentionAttribution(model).attribute(ids, mask, types, n_steps=3, backend="torch")
+    with torch.inference_mode():
+        loaded = copy.deepcopy(model)
+        loaded.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    assert all(p.is_inference() for p in loaded.parameters())
+    got = AttentionAttribution(loaded).attribute(ids, mask, types, n_steps=3, backend="torch")
+    assert torch.equal(got.attributions, expected.attributions)
+    with pytest.raises(AttAttrError, match="made under torch.inference_mode"):
+        reference.attribute(loaded, ids, mask, types, n_steps=3)
+
+
+def test_reference_leaves_every_submodule_in_its_own_mode():
+    model = tiny_classifier("bert").train()
+    model.bert.embeddings.eval()
+    ids, mask, types = padded_batch(model, [5])
+    modes = {name: module.training for name, module in model.named_modules()}
+    reference.attribute(model, ids, mask, types, n_steps=1)
+    assert {name: module.training for name, module in model.named_modules()} == modes
+
+
+def test_masks_and_segments_that_are_not_tensors_are_one_line_errors():
+    model = tiny_classifier("bert")
+    ids, mask, types = padded_batch(model, [5, 3])
+    for call in (AttentionAttribution(model).attribute, functools.partial(reference.attribute, model)):
+        with pytest.raises(AttAttrError, match="attention_mask must be None or a tensor .* got ndarray"):
+            call(ids, mask.numpy(), n_steps=1)
+        with pytest.raises(AttAttrError, match="token_type_ids must be None or a tensor .* got list"):
+            call(ids, mask, types.tolist(), n_steps=1)
+
+
+def test_numpy_integers_are_accepted_for_every_integer_option():
+    model = tiny_classifier("bert", layers=2)
+    ids, mask, types = padded_batch(model, [5, 4])
+    aa = AttentionAttribution(model)
+    plain = aa.attribute(ids, mask, types, n_steps=2, top_k=3, internal_batch_size=5)
+    numpy = aa.attribute(ids, mask, types, n_steps=np.int64(2), top_k=np.int64(3), internal_batch_size=np.int32(5))
+    assert torch.equal(numpy.attributions, plain.attributions) and torch.equal(numpy.top_k.score, plain.top_k.score)
 
 
 def test_too_long_and_empty_inputs_raise():

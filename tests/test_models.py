@@ -82,3 +82,16 @@ def test_encoder_without_head_needs_num_labels(tmp_path, tiny_model_dir):
         load_classifier(tmp_path)
     model, _ = load_classifier(tmp_path, num_labels=4)
     assert model.config.num_labels == 4
+
+
+def test_a_file_path_and_a_bad_class_count_are_one_line_errors(tiny_model_dir, capsys):
+    from attattr_fast.cli import main
+
+    with pytest.raises(AttAttrError, match="is a file; give the directory"):
+        load_classifier(tiny_model_dir / "config.json")
+    for bad in (0, -1, "2", True):
+        with pytest.raises(AttAttrError, match="num_labels must be an integer of at least 2"):
+            load_classifier(tiny_model_dir, num_labels=bad)
+    assert main(["attribute", "--model", str(tiny_model_dir / "config.json"), "--text", "good film"]) == 2
+    err = capsys.readouterr().err
+    assert "is a file" in err and err.count("\n") == 1, err
