@@ -18,6 +18,9 @@
 #             phases step shows the prefix above 15% of a bf16 call
 #   compare   bench_compare.py on $WORKLOADS (default a), $COMPARE_ARGS passed on, at most $COMPARE_LIMIT s each
 #   overhead  profile_engine.py --group-overhead: what one more group costs (engine.GROUP_OVERHEAD_TOKENS)
+#   corpus    bench_corpus.py on a BERT-base shape, bf16 gl 2, full output, 4096 short sentences: a real
+#             `attattr-fast attribute --out` run; its "write wait" says whether writing results, not the engine,
+#             sets a corpus run's pace on a GPU machine
 #   grouping  engine_ab.py --compare grouping: plan_groups against the grouping it replaced (bf16 gl 2 and
 #             rr 20, float32 gl 2; 256 sentences)
 #   probe     triton_compile_probe.py with an empty Triton cache (first vs second launch per specialisation)
@@ -36,7 +39,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 python=${PYTHON:-python3}
 results=bench/results
 budget=${BUDGET:-560}
-steps=${STEPS:-tests memory phases profile compile packing compare overhead grouping probe kernel}
+steps=${STEPS:-tests memory phases profile compile packing compare overhead corpus grouping probe kernel}
 out=${OUT:-/tmp/gpu_session}; mkdir -p "$out"
 log() { echo "== $(date +%H:%M:%S) [${SECONDS}s] $*"; }
 # step LIMIT CMD...: run CMD for at most LIMIT seconds and never past the budget; skip it when < 30 s are left
@@ -92,6 +95,11 @@ for name in $steps; do
     overhead)
         log "group overhead"
         step 60 $python bench/profile_engine.py --group-overhead 2>&1 | tee "$out/overhead.log" | tail -12 ;;
+    corpus)
+        log "corpus run, BERT-base, full output"
+        step 120 $python bench/bench_corpus.py --device cuda --sizes 4096 --layers 12 --heads 12 --hidden 768 \
+            --method gausslegendre --steps 2 --dtype bfloat16 --name corpus-bert-base 2>&1 \
+            | tr '\r' '\n' | grep -v '^attributing' | tee "$out/corpus.log" | tail -8 ;;
     grouping)
         log "grouping before/after"
         step 90 $python bench/engine_ab.py --compare grouping 2>&1 | tee "$out/grouping.log" ;;
