@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -135,6 +136,8 @@ class AttentionAttribution:
         prefix_weights = adapter.weights(state_dtype(model_dtype))
         reduce_layer = resolve_backend(backend, device, prefix_weights.dtype)
         rows_dtype = row_dtype(model_dtype, dtype)
+        if device.type == "cpu" and rows_dtype in (torch.bfloat16, torch.float16):
+            _warn_half_precision_rows_on_cpu(rows_dtype)
         row_weights = prefix_weights if rows_dtype == prefix_weights.dtype else adapter.weights(rows_dtype)
         alphas = torch.tensor(alphas_np, dtype=torch.float32)
         quad_weights = torch.tensor(weights_np, dtype=torch.float32)
@@ -193,6 +196,14 @@ class AttentionAttribution:
             model_layers=adapter.n_layers,
         )
         return _to_device(result, result_device)
+
+
+@functools.cache
+def _warn_half_precision_rows_on_cpu(dtype: torch.dtype) -> None:
+    """Once per process and dtype: half precision pays on a GPU's tensor cores, not on a CPU."""
+    log.warning("%s rows on the CPU are slower than float32 (PyTorch's CPU products in half precision: a BERT-base "
+                "call took about 40x as long on an AVX2 CPU) and less accurate; on a CPU keep float32, the default",
+                str(dtype).removeprefix("torch."))
 
 
 class _Collector:

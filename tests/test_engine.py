@@ -633,3 +633,18 @@ def test_reference_imports_neither_engine_nor_kernels():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_half_precision_rows_on_the_cpu_warn_once(caplog):
+    from attattr_fast import api
+
+    api._warn_half_precision_rows_on_cpu.cache_clear()
+    model = tiny_classifier("bert", layers=1)
+    ids, mask, _ = padded_batch(model, [4])
+    aa = AttentionAttribution(model)
+    with caplog.at_level("WARNING", logger="attattr_fast.api"):
+        aa.attribute(ids, mask, n_steps=1, output="reduced")
+        assert not caplog.records  # float32: nothing to say
+        for _ in range(2):
+            aa.attribute(ids, mask, n_steps=1, output="reduced", dtype=torch.bfloat16)
+    assert [r.getMessage().split(" rows")[0] for r in caplog.records] == ["bfloat16"]
