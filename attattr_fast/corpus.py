@@ -63,7 +63,8 @@ def prepare(aa: AttentionAttribution, tokenizer, examples: list[Example], trunca
     adapter = aa.adapter
     config = adapter.config
     label2id = dict(getattr(config, "label2id", {}) or {})
-    gold = [None if e.label is None else label_index(e.label, label2id, adapter.num_labels) for e in examples]
+    classes = adapter.num_labels  # read from the head: once, not per example
+    gold = [None if e.label is None else label_index(e.label, label2id, classes) for e in examples]
     tokenized = tokenize(tokenizer, [e.text for e in examples], [e.text_pair for e in examples],
                          max_length=model_max_length(tokenizer, adapter.max_length), truncate=truncate)
     return PreparedCorpus(examples, tokenized, gold)
