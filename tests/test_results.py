@@ -362,3 +362,15 @@ def test_resume_refusal_names_the_tokenization_and_the_resolved_targets(tmp_path
         open_run_directory(out, {**meta, "target": "negative", "targets_sha256": "t2"}, PLAN)
     _, lock = open_run_directory(out, {**meta, "target": "1"}, PLAN)  # another name for the same targets
     lock.release()
+
+
+def test_shard_files_are_the_bytes_safetensors_torch_writes(tmp_path):
+    """Shards are serialised from numpy views; a directory written by safetensors.torch.save (all versions before)
+    must hold the same bytes, so a recomputed shard still matches its old checksum."""
+    from safetensors.torch import load, save
+
+    records = [make_record(i, n=3 + i) for i in range(4)]
+    for store in (torch.float32, torch.float16):
+        write_shard(tmp_path, "shard-00000", records, store)
+        data = (tmp_path / "shard-00000.safetensors").read_bytes()
+        assert save(load(data)) == data
