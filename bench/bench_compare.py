@@ -64,7 +64,7 @@ DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16}
 # The engine's rows: (name, dtype, torch's float32 matmul precision). tf32 is float32 throughout with the
 # products on TF32 tensor cores (inputs rounded to a 10-bit mantissa, float32 accumulation), CUDA only.
 ENGINE_PRECISIONS = (("bf16", torch.bfloat16, "highest"), ("float32", torch.float32, "highest"),
-                     ("tf32", torch.float32, "high"))  # tf32 last: a step that runs out of time keeps float32
+                     ("tf32", torch.float32, "high"))
 
 
 # -- workloads ------------------------------------------------------------------------------------------
@@ -229,11 +229,14 @@ def run_workload(kind: str, model, shape: dict, args, device, checkpoint=lambda 
             triton_reason = str(exc)
     precision_before = torch.get_float32_matmul_precision()
     try:
-        for dtype_name, dtype, precision in ENGINE_PRECISIONS:  # bf16 first: the headline rows
-            torch.set_float32_matmul_precision(precision)
-            # torch first: the Triton rows were slowest in a process's first calls; tf32 on the torch backend
-            # only (its reduction product runs in TF32 too), to keep the GPU step within its time
-            for backend in ("torch",) if dtype_name == "tf32" else ("torch", "triton"):
+        # Every torch row before any Triton row: the Triton rows were the slowest (bf16 rr 20 took 107 s on the H200),
+        # and a step that runs out of time keeps the rows it finished (`checkpoint`). bf16 first, the headline rows;
+        # tf32 on the torch backend only (its reduction product runs in TF32 too).
+        for backend in ("torch", "triton"):
+            for dtype_name, dtype, precision in ENGINE_PRECISIONS:
+                if backend == "triton" and dtype_name == "tf32":
+                    continue
+                torch.set_float32_matmul_precision(precision)
                 reason = triton_reason if backend == "triton" else None
                 for method, steps, label in (("riemann_right", 20, "rr 20"), ("gausslegendre", k_star, f"gl {k_star}")):
                     name = f"engine {backend} {dtype_name} {label}"

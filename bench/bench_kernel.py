@@ -136,6 +136,35 @@ def launch_override(config: str):
 
 
 
+def write_report(args, device, device_name: str, lengths_n: list[int], rows: list[dict], complete: bool) -> None:
+    """The JSON of the rows so far (written after each row too, so a run cut at its time limit keeps them)."""
+    report = {
+        "benchmark": "bench/bench_kernel.py",
+        "device": device_name,
+        "timed": ON_GPU,
+        "complete": complete,
+        "note": None if ON_GPU else "CPU: correctness only under the Triton interpreter; no timings measured",
+        "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "triton": triton.__version__,
+                     "cuda": torch.version.cuda},  # fmt: skip
+        "git_revision": common.git_revision(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "settings": {"heads": args.heads, "head_dim": args.head_dim, "n": lengths_n, "dtypes": args.dtypes,
+                     "tokens_per_call": args.tokens, "context_grad_dtype": "float32", "lse_dtype": "float32",
+                     "timer": "triton.testing.do_bench(warmup=25, rep=200, median)" if ON_GPU else None,
+                     "launch_config": {str(n): vars(ar.launch_config(n, args.head_dim)) for n in lengths_n},
+                     "configs": args.configs},
+        "rows": rows,
+    }  # fmt: skip
+    slug = common.device_slug(torch.device(device)) + ("" if ON_GPU else "-interpreter")
+    out = args.out or REPO / "bench" / "results" / f"{slug}-bench_kernel{'-quick' if args.quick else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(out)
+    if complete:
+        print(f"wrote {out}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, nargs="+", default=None, help="sequence lengths (GPU default 128 512 2048)")
@@ -181,6 +210,7 @@ def main(argv=None) -> int:
                             row.update(torch_timing, **time_kernel(kernel_state, grad, mask, full, device, batch))
                             row["speedup"] = row["torch_ms"] / row["kernel_ms"]
                     rows.append(row)
+                    write_report(args, device, device_name, lengths_n, rows, complete=False)
                 if ON_GPU:
                     torch.cuda.empty_cache()
             del torch_state, kernel_state, grad, mask
@@ -198,29 +228,7 @@ def main(argv=None) -> int:
             line += f" {r['torch_peak_mib_per_example']:>12.1f} {r['kernel_peak_mib_per_example']:>13.1f}"
         print(line)
 
-    report = {
-        "benchmark": "bench/bench_kernel.py",
-        "device": device_name,
-        "timed": ON_GPU,
-        "note": None if ON_GPU else "CPU: correctness only under the Triton interpreter; no timings measured",
-        "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "triton": triton.__version__,
-                     "cuda": torch.version.cuda},  # fmt: skip
-        "git_revision": common.git_revision(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "settings": {"heads": args.heads, "head_dim": args.head_dim, "n": lengths_n, "dtypes": args.dtypes,
-                     "tokens_per_call": args.tokens, "context_grad_dtype": "float32", "lse_dtype": "float32",
-                     "timer": "triton.testing.do_bench(warmup=25, rep=200, median)" if ON_GPU else None,
-                     "launch_config": {str(n): vars(ar.launch_config(n, args.head_dim)) for n in lengths_n},
-                     "configs": args.configs},
-        "rows": rows,
-    }  # fmt: skip
-    slug = common.device_slug(torch.device(device)) + ("" if ON_GPU else "-interpreter")
-    out = args.out or REPO / "bench" / "results" / f"{slug}-bench_kernel{'-quick' if args.quick else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(out)
-    print(f"wrote {out}")
+    write_report(args, device, device_name, lengths_n, rows, complete=True)
     return 0 if all(r["check"]["ok"] for r in rows) else 1
 
 

@@ -47,6 +47,9 @@ step() {
     local limit=$1 left=$((budget - SECONDS)); shift
     ((left < 30)) && { log "skipped (budget spent): $*"; return 0; }
     timeout $((limit < left ? limit : left)) "$@"
+    local rc=$?  # reported here: the pipelines after a step show only tee's status
+    ((rc)) && log "exit status $rc$( ((rc == 124)) && echo ' (its time limit)'): $*"
+    return $rc
 }
 marker=$(mktemp); touch "$marker"  # result files newer than this are this run's
 copy_out() { find "$results" -maxdepth 1 -name 'h[0-9]*.json' -newer "$marker" -exec cp {} "$out"/ \; ; true; }
@@ -90,7 +93,7 @@ for name in $steps; do
     compare)
         for workload in ${WORKLOADS:-a}; do
             log "bench_compare workload $workload"
-            step ${COMPARE_LIMIT:-240} $python bench/bench_compare.py --workloads "$workload" ${COMPARE_ARGS:-} 2>&1 | tee "$out/compare-$workload.log"
+            step ${COMPARE_LIMIT:-240} $python bench/bench_compare.py --workloads "$workload" ${COMPARE_ARGS---repeats 1 --baseline-examples 16} 2>&1 | tee "$out/compare-$workload.log"
         done ;;
     overhead)
         log "group overhead"
