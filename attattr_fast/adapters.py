@@ -107,9 +107,9 @@ class EncoderAdapter:
             self.n_heads = counts[0]
         self.scale = self.head_dim**-0.5
         self.eps = config.layer_norm_eps
-        if self.num_labels < 2:  # F, the target class's softmax probability, would be 1 whatever the input
+        if config.num_labels < 2:  # F, the target class's softmax probability, would be 1 whatever the input
             raise UnsupportedModelError(
-                f"{type(model).__name__} has {self.num_labels} output (a regression head); attribution needs a "
+                f"{type(model).__name__} has {config.num_labels} output (a regression head); attribution needs a "
                 "classifier of 2 or more classes"
             )
         problem = getattr(config, "problem_type", None)
@@ -135,10 +135,20 @@ class EncoderAdapter:
     def _head_activation(self, x: Tensor) -> Tensor:
         return torch.tanh(x)
 
+    _num_labels: int | None = None  # set by an adapter that assigns num_labels
+
     @property
     def num_labels(self) -> int:
-        """Classes of the head as it is now (a head replaced after this adapter was made counts)."""
-        return int(self._head_weights()["out_w"].shape[0])
+        """Classes of the head as it is now (a head replaced after this adapter was made counts): the rows of its
+        output weight `out_w`; for a head without one, the config's count, unless the adapter assigns its own."""
+        if self._num_labels is not None:
+            return self._num_labels
+        out_w = self._head_weights().get("out_w")
+        return int(out_w.shape[0]) if out_w is not None else int(self.config.num_labels)
+
+    @num_labels.setter
+    def num_labels(self, value: int) -> None:
+        self._num_labels = int(value)
 
     @property
     def device(self) -> torch.device:
@@ -384,7 +394,8 @@ def _check_subclass(adapter: EncoderAdapter) -> None:
     parent = next(c.__name__ for c in type(model).__mro__ if c.__name__ in _ADAPTERS)
     with torch.no_grad(), evaluation_mode(model):
         try:
-            own = model(input_ids=ids, attention_mask=mask).logits.double()
+            output = model(input_ids=ids, attention_mask=mask)
+            own = (output.logits if hasattr(output, "logits") else output[0]).double()  # or a tuple (return_dict off)
         except Exception as exc:  # noqa: BLE001 - any failure means the subclass is not the parent's kind
             raise UnsupportedModelError(f"{type(model).__name__} (a {parent}) does not run as {parent} does "
                                         f"({type(exc).__name__}); register an adapter for it") from None  # fmt: skip

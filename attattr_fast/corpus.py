@@ -387,15 +387,17 @@ class BackgroundWrites:
         self.wait_seconds = 0.0  # the caller's time spent waiting for writes
 
     def submit(self, write: Callable[..., dict[str, Any]], *args) -> list[dict[str, Any]]:
-        """Starts `write(*args)` once the previous write is done; returns the commits finished meanwhile (an
-        error of that write is raised here)."""
-        done = self.drain()
-        self._pending = self._pool.submit(write, *args)
-        return done
+        """Queues `write(*args)` behind the pending write, then waits for that one; returns its commit (its error
+        is raised here). Queued first, so an interrupt during the wait still writes the new shard (`close`)."""
+        pending, self._pending = self._pending, self._pool.submit(write, *args)
+        return self._wait(pending)
 
     def drain(self) -> list[dict[str, Any]]:
         """Waits for the pending write; its commit (an error of the write is raised here)."""
         pending, self._pending = self._pending, None
+        return self._wait(pending)
+
+    def _wait(self, pending: Future | None) -> list[dict[str, Any]]:
         if pending is None:
             return []
         start = time.perf_counter()
@@ -535,10 +537,12 @@ def run_corpus(
             complete = all(results.shard_name(p) in commits for p in range(len(plan)))
             results.write_manifest(directory, meta, plan, commits, complete=complete)
     finally:
-        writes.close()  # a shard already computed is still written, so a rerun keeps it
-        bar.close()
-        if lock is not None:
-            lock.release()
+        try:
+            writes.close()  # a shard already computed is still written, so a rerun keeps it
+        finally:  # even when a second interrupt ends the wait
+            bar.close()
+            if lock is not None:
+                lock.release()
     mine_stats = CorpusStats(n_done, tokens, seconds, len(mine), skipped, len(corpus.examples),
                              counters.oom_retries, dist.world_size, writes.wait_seconds)  # fmt: skip
     gathered = dist.gather(mine_stats)

@@ -158,7 +158,8 @@ def write_shard(directory: str | Path, name: str, records: list[Record], store_d
                 rank: int = 0) -> dict[str, Any]:
     """Write a shard's tensors and metadata, then its commit record; returns the commit (manifest entry)."""
     # the same bytes as safetensors.torch.save, from numpy views: about 30% less time than the torch path's
-    # per-tensor checks (bench/write_throughput.py); every stored dtype has a numpy equivalent
+    # per-tensor checks (bench/write_throughput.py); numpy has no bfloat16, which is stored as float32 (the
+    # engine's records hold float32 and int64 only)
     from safetensors.numpy import save
 
     directory = Path(directory)
@@ -174,6 +175,8 @@ def write_shard(directory: str | Path, name: str, records: list[Record], store_d
                 value, shift = encode_wide(value, store_dtype)
                 if shift:
                     tensors[f"{r.index}/{field}{SHIFT}"] = np.array([shift], dtype=np.int32)
+            if value.dtype == torch.bfloat16:
+                value = value.float()
             tensors[f"{r.index}/{field}"] = value.contiguous().numpy()
         meta = {k: getattr(r, k) for k in META_FIELDS}
         lines.append((json.dumps(meta, ensure_ascii=False) + "\n").encode("utf-8"))

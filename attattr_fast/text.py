@@ -81,9 +81,11 @@ def tokenize(
     pairs = text_pairs or [None] * len(texts)
     ids, types, offsets, tokens, truncated = array("i"), array("i"), [0], [], []
     for begin in range(0, len(texts), TOKENIZE_BATCH):
-        batch = range(begin, min(begin + TOKENIZE_BATCH, len(texts)))
-        for i in batch:
-            _check_text(i, texts[i], pairs[i])
+        end = min(begin + TOKENIZE_BATCH, len(texts))
+        # texts the tokenizer cannot take end the batch; the examples before them are checked first, so the
+        # error names the first bad example, as one example at a time would
+        bad = next(((i, why) for i in range(begin, end) if (why := _text_problem(i, texts[i], pairs[i]))), None)
+        batch = range(begin, end if bad is None else bad[0])
         for i, (full, segments) in zip(batch, _tokenize_batch(tokenizer, texts, pairs, batch)):
             if len(full) <= tokenizer.num_special_tokens_to_add(pair=pairs[i] is not None):
                 raise AttAttrError(f"example {i}: the text has no tokens (only invisible characters?)")
@@ -99,6 +101,8 @@ def tokenize(
             offsets.append(len(ids))
             truncated.append(too_long)
             tokens.append([sys.intern(t) for t in tokenizer.convert_ids_to_tokens(full)])
+        if bad is not None:
+            raise AttAttrError(bad[1])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return Tokenized(_int32(ids), _int32(types), torch.tensor(offsets), tokens, truncated, pad)
 
@@ -106,13 +110,15 @@ def tokenize(
 TOKENIZE_BATCH = 1024  # examples per tokenizer call: one call per example costs about twice as much
 
 
-def _check_text(i: int, text, pair) -> None:
+def _text_problem(i: int, text, pair) -> str | None:
+    """Why example i cannot go to the tokenizer, or None."""
     if text is None or not str(text).strip():
-        raise AttAttrError(f"example {i}: the text is empty")
+        return f"example {i}: the text is empty"
     if pair is not None and not str(pair).strip():
-        raise AttAttrError(f"example {i}: the text pair is empty")
+        return f"example {i}: the text pair is empty"
     if not is_unicode(str(text)) or (pair is not None and not is_unicode(str(pair))):
-        raise AttAttrError(f"example {i}: not valid Unicode text (a lone surrogate)")
+        return f"example {i}: not valid Unicode text (a lone surrogate)"
+    return None
 
 
 def _tokenize_batch(tokenizer, texts: list, pairs: list, batch: range) -> list[tuple[list[int], list[int] | None]]:

@@ -108,6 +108,8 @@ def _mean_pooling_subclass():
 
 
 def test_a_subclass_gets_its_parents_adapter_only_if_that_reproduces_it():
+    import transformers as T
+
     from attattr_fast import AttentionAttribution, reference
 
     base = tiny_classifier("bert")
@@ -121,6 +123,9 @@ def test_a_subclass_gets_its_parents_adapter_only_if_that_reproduces_it():
                 adapter_for(model)
             continue
         ids, mask, _ = padded_batch(model, [7, 4])
+        tuples = cls(T.BertConfig(**{**base.config.to_dict(), "return_dict": False})).eval()  # logits in a tuple
+        tuples.load_state_dict(base.state_dict())
+        assert adapter_for(tuples).num_labels == 3
         got = AttentionAttribution(model).attribute(ids, mask, n_steps=2, method="gausslegendre")
         want = reference.attribute(model, ids, mask, n_steps=2, method="gausslegendre")
         torch.testing.assert_close(got.attributions, want.attributions, atol=1e-6, rtol=1e-4)
@@ -143,6 +148,23 @@ def test_a_head_replaced_after_the_adapter_was_made_sets_the_classes():
     model.classifier = torch.nn.Linear(model.config.hidden_size, 2)
     with pytest.raises(AttAttrError, match="the model has 2 classes"):
         aa.attribute(ids, mask, target=2, n_steps=1)
+
+
+def test_an_adapter_whose_head_has_no_output_matrix_counts_the_configs_classes_or_its_own():
+    from attattr_fast.adapters import EncoderAdapter
+
+    class CosineHeadAdapter(EncoderAdapter):  # a head of label embeddings, set up after the base's __init__
+        def __init__(self, model):
+            super().__init__(model)
+            self.labels = torch.randn(model.config.num_labels, model.config.hidden_size)
+
+        def _head_weights(self):
+            return {"labels": self.labels}
+
+    adapter = CosineHeadAdapter(tiny_classifier("bert", num_labels=4))
+    assert adapter.num_labels == 4
+    adapter.num_labels = 2
+    assert adapter.num_labels == 2
 
 
 def test_register_adapter_refuses_what_is_not_an_adapter_class():

@@ -491,7 +491,8 @@ def test_a_failed_background_write_stops_the_run_and_a_rerun_completes_it(tmp_pa
     monkeypatch.setattr(results, "write_shard", write_shard)
     with pytest.raises(OSError, match="No space left"):
         run_library(aa, corpus, targets, tmp_path / "out")
-    assert commits(tmp_path / "out") == [f"{name}.commit.json" for name in sorted(calls[:2])]
+    # every shard computed by then is written but the failed one (the next one was already queued)
+    assert commits(tmp_path / "out") == [f"{name}.commit.json" for name in sorted(calls[:2] + calls[3:])]
     monkeypatch.setattr(results, "write_shard", real)
     run_library(aa, corpus, targets, tmp_path / "out")
     assert_same_records(load_results(tmp_path / "out"), load_results(reference))
@@ -518,6 +519,26 @@ def test_a_shard_computed_before_an_engine_error_is_still_written(tmp_path, prep
     with pytest.raises(RuntimeError, match="injected"):
         run_library(aa, corpus, targets, tmp_path / "out", batch_size=SHARD)
     assert len(commits(tmp_path / "out")) == 2  # the second was pending when the third call failed
+
+
+def test_an_interrupt_while_waiting_for_a_write_still_writes_the_shard_just_computed(tmp_path, prepared,
+                                                                                     monkeypatch):
+    from attattr_fast import corpus as corpus_module
+
+    aa, corpus, targets = prepared
+    wait = corpus_module.BackgroundWrites._wait
+
+    def interrupted_wait(self, pending):
+        if pending is not None:  # the first wait: for shard 0, with shard 1 computed
+            raise KeyboardInterrupt
+        return wait(self, pending)
+
+    monkeypatch.setattr(corpus_module.BackgroundWrites, "_wait", interrupted_wait)
+    with pytest.raises(KeyboardInterrupt):
+        run_library(aa, corpus, targets, tmp_path / "out", batch_size=SHARD)
+    assert commits(tmp_path / "out") == ["shard-00000.commit.json", "shard-00001.commit.json"]
+    monkeypatch.setattr(corpus_module.BackgroundWrites, "_wait", wait)
+    assert run_library(aa, corpus, targets, tmp_path / "out").skipped == 2 * SHARD  # the lock was released
 
 
 def test_the_summary_says_how_long_the_run_waited_for_shard_writes(tmp_path, prepared, monkeypatch):
@@ -674,6 +695,9 @@ def test_batched_tokenizing_equals_one_tokenizer_call_per_example(tiny_model_dir
         assert tokenized.tokens[i] == tokenizer.convert_ids_to_tokens(alone["input_ids"])
         assert tokenized.truncated[i] == (len(tokenizer(text, pair)["input_ids"]) > 12)
     assert any(tokenized.truncated) and not all(tokenized.truncated)
+    # the first bad example is named, whatever its kind and whatever follows it in its batch
+    with pytest.raises(AttAttrError, match="example 1: the text has no tokens"):
+        text_module.tokenize(tokenizer, ["good", "\u200b", "fine", ""], max_length=12)
     kept = [0, 1, 2, 4]  # the first one too long is the second batch's first
     with pytest.raises(AttAttrError, match="example 3: 22 tokens, more than the model's 12"):
         text_module.tokenize(tokenizer, [texts[i] for i in kept], [pairs[i] for i in kept], 12, truncate=False)

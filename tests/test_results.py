@@ -364,6 +364,16 @@ def test_resume_refusal_names_the_tokenization_and_the_resolved_targets(tmp_path
     lock.release()
 
 
+def test_bfloat16_fields_of_a_hand_made_record_are_stored_as_float32(tmp_path):
+    record = make_record(0, n=3)
+    record.head_max = record.head_max.bfloat16()
+    write_shard(tmp_path, "shard-00000", [record])
+    from safetensors.torch import load_file
+
+    stored = load_file(tmp_path / "shard-00000.safetensors")["0/head_max"]
+    assert stored.dtype == torch.float32 and torch.equal(stored, record.head_max.float())
+
+
 def test_shard_files_are_the_bytes_safetensors_torch_writes(tmp_path):
     """Shards are serialised from numpy views; a directory written by safetensors.torch.save (all versions before)
     must hold the same bytes, so a recomputed shard still matches its old checksum."""
