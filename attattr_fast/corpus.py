@@ -35,7 +35,7 @@ from attattr_fast.distributed import DistContext, assign
 from attattr_fast.errors import AttAttrError
 from attattr_fast.inputs import as_dtype, check_options
 from attattr_fast.results import Record
-from attattr_fast.text import Tokenized, model_max_length, tokenize
+from attattr_fast.text import PADDED_FIELDS, Tokenized, model_max_length, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +106,11 @@ def encoded_fingerprint(tokenized: Tokenized) -> str:
     count, longest = len(tokenized.tokens), max(tokenized.lengths)
     step = max(1, FINGERPRINT_ENTRIES // longest)
     digest = hashlib.sha256()
-    for part in range(3):  # input_ids, attention_mask, token_type_ids
+    for name in PADDED_FIELDS:  # each tensor whole, one after the other
         digest.update(str((count, longest)).encode())
         for begin in range(0, count, step):
-            digest.update(tokenized.padded(list(range(begin, min(begin + step, count))), longest)[part].numpy())
+            chunk = list(range(begin, min(begin + step, count)))
+            digest.update(tokenized.padded(chunk, longest, fields=(name,))[0].numpy())
     return digest.hexdigest()
 
 

@@ -25,6 +25,9 @@ class Encoded:
     truncated: list[bool]
 
 
+PADDED_FIELDS = ("input_ids", "attention_mask", "token_type_ids")
+
+
 @dataclass
 class Tokenized:
     """Examples' tokens without padding, so a corpus costs its real tokens (padding it to its longest example
@@ -46,9 +49,10 @@ class Tokenized:
         span = slice(int(self.offsets[i]), int(self.offsets[i + 1]))
         return self.ids[span].tolist(), self.types[span].tolist()
 
-    def padded(self, indices: list[int], n: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def padded(self, indices: list[int], n: int | None = None,
+               fields: tuple[str, ...] = PADDED_FIELDS) -> tuple[Tensor, ...]:
         """(input_ids, attention_mask, token_type_ids), long [B, n], of these examples right-padded to n
-        (None: the longest of them)."""
+        (None: the longest of them); or just the `fields` named, in their order."""
         index = torch.as_tensor(indices, dtype=torch.long)
         starts = self.offsets[index]
         lengths = self.offsets[index + 1] - starts
@@ -56,10 +60,16 @@ class Tokenized:
         positions = torch.arange(n)
         real = positions < lengths.unsqueeze(1)
         source = (starts.unsqueeze(1) + positions)[real]  # row by row, as boolean indexing fills `real`
-        ids = torch.full((len(index), n), self.pad_id, dtype=torch.long)
-        types = torch.zeros((len(index), n), dtype=torch.long)
-        ids[real], types[real] = self.ids[source].long(), self.types[source].long()
-        return ids, real.long(), types
+
+        def field(name: str) -> Tensor:
+            if name == "attention_mask":
+                return real.long()
+            values, fill = (self.ids, self.pad_id) if name == "input_ids" else (self.types, 0)
+            out = torch.full((len(index), n), fill, dtype=torch.long)
+            out[real] = values[source].long()
+            return out
+
+        return tuple(field(name) for name in fields)
 
 
 def model_max_length(tokenizer, adapter_max: int) -> int:
