@@ -46,6 +46,11 @@ def evaluation_mode(model: torch.nn.Module):
             module.training = training
 
 
+def is_integer(value) -> bool:
+    """A Python or numpy integer, not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def as_dtype(dtype):
     """A torch dtype, or None, from a dtype or its name ("bfloat16", "float16", …)."""
     if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
@@ -71,12 +76,9 @@ def check_options(
     if dtype is not None and as_dtype(dtype) not in DTYPES:
         raise AttAttrError(f"unsupported dtype {dtype!r}; use torch.float32, torch.float64, torch.bfloat16 or "
                            "torch.float16 (or their names)")
-    if internal_batch_size is not None and (
-        isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, (int, np.integer))
-        or internal_batch_size < 1
-    ):
+    if internal_batch_size is not None and (not is_integer(internal_batch_size) or internal_batch_size < 1):
         raise AttAttrError(f"internal_batch_size must be a positive integer, got {internal_batch_size!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
+    if not is_integer(top_k) or top_k < 0:
         raise AttAttrError(f"top_k must be a non-negative integer, got {top_k!r}")
     return alphas, weights
 
@@ -133,7 +135,7 @@ def validate_inputs(
         token_type_ids = token_type_ids.to(input_ids.device)
     n_labels = adapter.num_labels
     if target is not None:
-        if isinstance(target, (int, np.integer)) and not isinstance(target, bool):
+        if is_integer(target):
             target = torch.full((batch,), int(target), dtype=torch.long)
         elif isinstance(target, Tensor) and target.dim() == 0 and target.dtype == torch.long:
             target = target.expand(batch)
@@ -144,7 +146,7 @@ def validate_inputs(
         target = target.to(input_ids.device)
     if layers is None:
         layers = list(range(adapter.n_layers))
-    if isinstance(layers, (int, np.integer)) and not isinstance(layers, bool):
+    if is_integer(layers):
         layers = [layers]
     try:
         if any(isinstance(x, bool) or int(x) != x for x in layers):

@@ -14,13 +14,13 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from attattr_fast.adapters import KEPT_HEADS_CONFIG_KEY, EncoderAdapter, register_adapter
 from attattr_fast.errors import AttAttrError, UnsupportedModelError
+from attattr_fast.inputs import is_integer
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +170,7 @@ def load_classifier(name_or_path: str | os.PathLike | None = None, num_labels: i
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     name = str(name_or_path)
-    if num_labels is not None and (isinstance(num_labels, bool) or not isinstance(num_labels, (int, np.integer))
-                                   or num_labels < 2):
+    if num_labels is not None and (not is_integer(num_labels) or num_labels < 2):
         raise AttAttrError(f"num_labels must be an integer of at least 2 (classes of the new head), got {num_labels!r}")
     if os.path.isfile(name):
         raise AttAttrError(f"{name!r} is a file; give the directory the model was saved to (save_pretrained)")
