@@ -55,12 +55,14 @@ _SHARD_FILE = re.compile(r"^(shard-\d{5,})\.(safetensors|jsonl|commit\.json)$")
 _TMP_FILE = re.compile(r"^\..+\.tmp-\d+$")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same directory and a rename."""
+def atomic_write_bytes(path: Path, data: bytes | Sequence[bytes | np.ndarray]) -> None:
+    """Write `data` (bytes, or buffers one after another) to `path` through a temporary file in the same directory
+    and a rename."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            for chunk in [data] if isinstance(data, bytes) else data:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -69,6 +71,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         if isinstance(exc, OSError) and exc.filename in (None, str(tmp)):  # say which file could not be written
             raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
         raise
+
+
+def sha256_chunks(chunks: Sequence[bytes | np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk)
+    return digest.hexdigest()
 
 
 def sha256_file(path: Path) -> str:
@@ -133,9 +142,12 @@ def encode_wide(value: Tensor, store_dtype: torch.dtype) -> tuple[Tensor, int]:
     (6e-5) and would lose their precision or vanish; scaled, each value keeps float16's 11 significant bits."""
     if store_dtype != torch.float16:
         return value.to(store_dtype), 0
-    largest = float(value.abs().max()) if value.numel() else 0.0
+    largest = 0.0
+    if value.numel():
+        low, high = torch.aminmax(value.float())  # one pass, where abs().max() takes two and a temporary
+        largest = max(-float(low), float(high))
     shift = 0 if largest == 0.0 or not math.isfinite(largest) else 15 - math.frexp(largest)[1]
-    return times_power_of_two(value, shift).to(torch.float16), shift
+    return times_power_of_two(value, shift, torch.float16), shift
 
 
 def decode_wide(value: Tensor, shift: int) -> Tensor:
@@ -143,25 +155,50 @@ def decode_wide(value: Tensor, shift: int) -> Tensor:
     return times_power_of_two(value, -shift)
 
 
-def times_power_of_two(value: Tensor, exponent: int) -> Tensor:
-    """value · 2**exponent in float32, rounded once as in exact arithmetic. Where 2**exponent itself is outside
-    float32's range (scales for values near float32's smallest reach 2**163), in two steps: the first is exact
-    for every float16 or float32 input whose result float32 or float16 can hold."""
+def times_power_of_two(value: Tensor, exponent: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """value · 2**exponent computed in float32 and rounded once to `dtype`, as in exact arithmetic. Where
+    2**exponent itself is outside float32's range (scales for values near float32's smallest reach 2**163), in
+    two steps: the first is exact for every float16 or float32 input whose result float32 or float16 can hold."""
     if not exponent:
-        return value.float()
+        return value.to(dtype)
     first = exponent // 2 if abs(exponent) > 126 else exponent
-    scaled = value.float() * 2.0**first
-    return scaled.mul_(2.0 ** (exponent - first)) if exponent != first else scaled
+    if exponent != first:
+        value, first = value.float() * 2.0**first, exponent - first
+    # one pass, no float32 temporary: the product is formed in float32 (the inputs' type) and rounded once
+    return torch.mul(value.float(), 2.0**first, out=torch.empty(value.shape, dtype=dtype))
+
+
+# safetensors' dtype names, in the order its writer stores tensors (then by name): the order is part of the bytes
+SAFETENSORS_DTYPES = {np.dtype(name): code for name, code in [
+    ("uint64", "U64"), ("int64", "I64"), ("float64", "F64"), ("float32", "F32"), ("uint32", "U32"),
+    ("int32", "I32"), ("float16", "F16"), ("uint16", "U16"), ("int16", "I16"), ("int8", "I8"), ("uint8", "U8"),
+    ("bool", "BOOL"),
+]}  # fmt: skip
+SAFETENSORS_RANK = {dtype: rank for rank, dtype in enumerate(SAFETENSORS_DTYPES)}
+
+
+def safetensors_buffers(tensors: dict[str, np.ndarray]) -> list[bytes | np.ndarray]:
+    """The bytes `safetensors.numpy.save(tensors)` returns, as its header followed by the arrays' own buffers.
+    save copies every array into one bytes object, at a fraction of memcpy's speed: for a shard of full BERT-base
+    records it took longer than the file's write, fsync and sha256 together (bench/write_throughput.py)."""
+    order = sorted(tensors, key=lambda name: (SAFETENSORS_RANK[tensors[name].dtype], name))
+    header, offset = {}, 0
+    for name in order:
+        array = tensors[name]
+        header[name] = {"dtype": SAFETENSORS_DTYPES[array.dtype], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + array.nbytes]}  # fmt: skip
+        offset += array.nbytes
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # safetensors pads the header to a multiple of 8 bytes
+    return [len(text).to_bytes(8, "little"), text, *(np.ascontiguousarray(tensors[name]).reshape(-1).view(np.uint8)
+                                                      for name in order)]  # fmt: skip
 
 
 def write_shard(directory: str | Path, name: str, records: list[Record], store_dtype: torch.dtype = torch.float32,
                 rank: int = 0) -> dict[str, Any]:
     """Write a shard's tensors and metadata, then its commit record; returns the commit (manifest entry)."""
-    # the same bytes as safetensors.torch.save, from numpy views: about 30% less time than the torch path's
-    # per-tensor checks (bench/write_throughput.py); numpy has no bfloat16, which is stored as float32 (the
-    # engine's records hold float32 and int64 only)
-    from safetensors.numpy import save
-
+    # the bytes safetensors.torch.save would write, from numpy views of the tensors (safetensors_buffers); numpy
+    # has no bfloat16, which is stored as float32 (the engine's records hold float32 and int64 only)
     directory = Path(directory)
     tensors: dict[str, np.ndarray] = {}
     lines: list[bytes] = []
@@ -184,17 +221,17 @@ def write_shard(directory: str | Path, name: str, records: list[Record], store_d
     for line in lines:
         offsets.append(pos)
         pos += len(line)
-    files = {f"{name}.safetensors": save(tensors), f"{name}.jsonl": b"".join(lines)}
-    for fname, data in files.items():
-        atomic_write_bytes(directory / fname, data)
+    files = {f"{name}.safetensors": safetensors_buffers(tensors), f"{name}.jsonl": [b"".join(lines)]}
+    for fname, chunks in files.items():
+        atomic_write_bytes(directory / fname, chunks)
     commit = {
         "name": name,
         "rank": rank,
         "n": len(records),
         "indices": [int(r.index) for r in records],
         "offsets": offsets,
-        "bytes": {fname: len(data) for fname, data in files.items()},
-        "sha256": {fname: hashlib.sha256(data).hexdigest() for fname, data in files.items()},
+        "bytes": {fname: sum(len(chunk) for chunk in chunks) for fname, chunks in files.items()},
+        "sha256": {fname: sha256_chunks(chunks) for fname, chunks in files.items()},
     }
     atomic_write_bytes(directory / f"{name}{COMMIT_SUFFIX}", json.dumps(commit).encode())
     return commit

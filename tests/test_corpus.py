@@ -171,7 +171,8 @@ KILLER = textwrap.dedent("""
         calls[0] += 1
         if calls[0] == kill_at:
             if phase == "tmp":
-                path.with_name(f".{path.name}.tmp-{os.getpid()}").write_bytes(data)
+                whole = data if isinstance(data, bytes) else b"".join(data)
+                path.with_name(f".{path.name}.tmp-{os.getpid()}").write_bytes(whole)
             os.kill(os.getpid(), signal.SIGKILL)
         real_write(path, data)
 

@@ -4,6 +4,7 @@ import json
 import logging
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -384,3 +385,19 @@ def test_shard_files_are_the_bytes_safetensors_torch_writes(tmp_path):
         write_shard(tmp_path, "shard-00000", records, store)
         data = (tmp_path / "shard-00000.safetensors").read_bytes()
         assert save(load(data)) == data
+
+
+def test_safetensors_buffers_are_the_bytes_safetensors_numpy_saves():
+    """Every dtype safetensors' numpy writer takes, in its storage order, with empty, scalar and non-ASCII cases."""
+    from safetensors.numpy import save
+
+    from attattr_fast.results import SAFETENSORS_DTYPES, safetensors_buffers
+
+    rng = np.random.default_rng(0)
+    tensors = {f"{i}/{dtype.name}": (rng.standard_normal((i % 3 + 1, 5)) * 100).astype(dtype)
+               for i, dtype in enumerate(SAFETENSORS_DTYPES)}  # fmt: skip
+    tensors |= {"empty": np.zeros((0, 3), np.float32), "scalar": np.array(7, np.int64), "é/x": np.ones(3, np.int8)}
+    for subset in (tensors, {}, {"one": np.ones(1, np.bool_)}):
+        assert b"".join(safetensors_buffers(subset)) == save(subset), sorted(subset)
+    strided = np.arange(12, dtype=np.float16).reshape(3, 4)[:, ::2]  # save itself needs contiguous arrays
+    assert b"".join(safetensors_buffers({"s": strided})) == save({"s": np.ascontiguousarray(strided)})
