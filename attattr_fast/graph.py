@@ -6,7 +6,10 @@ row i = receiving token, column j = sending token) of one example at its real le
 Node (l, i) is token i after encoder layer l (l = 0 is the embedding output, l = L the last layer).
 An attention edge (l−1, j) → (l, i) says that layer l moved information from token j to token i;
 a residual edge (l, i) → (l', i) joins a token's consecutive nodes. `attribution_graph` builds the
-graph that flows into [CLS] after the last layer, the terminal (L, 0).
+graph that flows into what the classifier reads after the last layer: [CLS], the terminal (L, 0), for
+BERT-like heads; every token, the terminals (L, i), for a head that pools all positions (the built-in
+model). The scores tell which: a head that reads position 0 only gives the last layer's other rows no
+gradient, so their attributions are exactly zero.
 
 `release_tree` rebuilds the tree that the authors' released drawing script produces, for comparison
 with published figures. It differs from `attribution_graph` in these ways:
@@ -57,6 +60,7 @@ from attattr_fast.errors import AttAttrError
 log = logging.getLogger(__name__)
 
 METHODS = ("algorithm1", "release")
+READOUTS = ("first", "all")  # what the classification head reads after the last layer: [CLS], or every token
 RELEASE_THRESHOLD = 0.4
 
 Node = tuple[int, int]
@@ -100,12 +104,20 @@ def _add_node(graph: nx.DiGraph, layer: int, position: int, tokens: Sequence[str
 
 
 # -- Algorithm 1 ----------------------------------------------------------------------------------
+def readout_of(layer_attr) -> str:
+    """"first" when the last layer's scores are zero outside row 0 (a head that reads [CLS] only leaves the
+    other rows without gradient), else "all" (a head that pools every token)."""
+    last = np.asarray(layer_attr[-1])
+    return "all" if np.any(last[1:] != 0) else "first"
+
+
 def attribution_graph(
     layer_attr,
     tokens: Sequence[str],
     tau: float = 0.4,
-    tau_last: float = 0.0,
+    tau_last: float | None = None,
     sep_token: str | None = "[SEP]",
+    readout: str | None = None,
 ) -> nx.DiGraph:
     """The attribution graph of one example (the paper's Algorithm 1, rules made precise).
 
@@ -115,21 +127,30 @@ def attribution_graph(
         tokens: the n tokens.
         tau: an entry of layers 1 … L−1 becomes a candidate edge when it is > 0 and above tau times the
             layer's maximum (default 0.4).
-        tau_last: the same threshold for the last layer (default 0.0: every positive entry).
+        tau_last: the same threshold for the last layer (None: 0.0, every positive entry, when the readout
+            is [CLS], whose row is all the last layer passes on; tau when the head reads every token).
         sep_token: token whose nodes are removed while they have no incoming edge (None: keep them).
+        readout: what the classifier reads after the last layer: "first" ([CLS], the terminal (L, 0)) or
+            "all" (every token, the terminals (L, i)); None: from the scores (`readout_of`).
 
     Returns:
         networkx.DiGraph over nodes (l, i), l = 0 … L, with node attributes token, layer, position and
         edge attributes weight (the layer matrix entry; 0.0 for residual edges), kind ("attention" or
         "residual") and, for attention edges, encoder_layer (l−1, the 0-based layer whose attention it
-        is). graph.graph holds method, tau, tau_last, tokens, n_layers and root = (L, 0).
+        is). graph.graph holds method, tau, tau_last, tokens, n_layers, readout, roots (the terminals in
+        the graph) and root ((L, 0) for the readout "first", else None).
     """
     matrices = _layer_matrices(layer_attr, tokens)
-    tau, tau_last = check_tau(tau, "tau"), check_tau(tau_last, "tau_last")
+    readout = readout_of(matrices) if readout is None else readout
+    if readout not in READOUTS:
+        raise AttAttrError(f"unknown readout {readout!r}; choose one of {', '.join(READOUTS)}")
+    tau = check_tau(tau, "tau")
+    tau_last = check_tau((0.0 if readout == "first" else tau) if tau_last is None else tau_last, "tau_last")
     n_layers, n, _ = matrices.shape
-    root = (n_layers, 0)
+    terminals = [(n_layers, 0)] if readout == "first" else [(n_layers, i) for i in range(n)]
     graph = nx.DiGraph(method="algorithm1", tau=tau, tau_last=tau_last, sep_token=sep_token,
-                       tokens=[str(t) for t in tokens], n_layers=n_layers, root=root)  # fmt: skip
+                       tokens=[str(t) for t in tokens], n_layers=n_layers, readout=readout,
+                       root=terminals[0] if readout == "first" else None)  # fmt: skip
     off_diagonal = ~np.eye(n, dtype=bool)
     linked: set[frozenset[int]] = set()  # unordered token pairs that already have an attention edge
     for layer in range(n_layers, 0, -1):
@@ -150,7 +171,11 @@ def attribution_graph(
             source = _add_node(graph, layer - 1, j, tokens)
             target = _add_node(graph, layer, i, tokens)
             graph.add_edge(source, target, weight=float(a[i, j]), kind="attention", encoder_layer=layer - 1)
-    _add_node(graph, n_layers, 0, tokens)
+    if readout == "first":
+        _add_node(graph, n_layers, 0, tokens)
+    else:  # a token's last node reaches the pooled output through its own residual stream
+        for position in {position for _, position in graph.nodes}:
+            _add_node(graph, n_layers, position, tokens)
     layers_of: dict[int, list[int]] = defaultdict(list)
     for layer, position in graph.nodes:
         layers_of[position].append(layer)
@@ -158,7 +183,8 @@ def attribution_graph(
         layers.sort()
         for low, high in zip(layers, layers[1:]):
             graph.add_edge((low, position), (high, position), weight=0.0, kind="residual")
-    reaching = nx.ancestors(graph, root) | {root}
+    roots = [node for node in terminals if node in graph]
+    reaching = set(roots).union(*(nx.ancestors(graph, root) for root in roots))
     graph.remove_nodes_from([v for v in list(graph) if v not in reaching])
     if sep_token is not None:
         while True:
@@ -166,6 +192,7 @@ def attribution_graph(
             if not leaves:
                 break
             graph.remove_nodes_from(leaves)
+    graph.graph["roots"] = [node for node in terminals if node in graph]
     return graph
 
 
@@ -249,12 +276,14 @@ def build_graph(
     tokens: Sequence[str],
     method: str = "algorithm1",
     tau: float = 0.4,
-    tau_last: float = 0.0,
+    tau_last: float | None = None,
     sep_token: str | None = "[SEP]",
+    readout: str | None = None,
 ) -> nx.DiGraph:
     """`attribution_graph` (method "algorithm1") or `release_tree` (method "release", threshold tau)."""
     if method == "algorithm1":
-        return attribution_graph(layer_attr, tokens, tau=tau, tau_last=tau_last, sep_token=sep_token)
+        return attribution_graph(layer_attr, tokens, tau=tau, tau_last=tau_last, sep_token=sep_token,
+                                 readout=readout)
     if method == "release":
         return release_tree(layer_attr, tokens, threshold=tau)
     raise AttAttrError(f"unknown graph method {method!r}; choose one of {', '.join(METHODS)}")
@@ -266,7 +295,7 @@ def graphs_from_result(result, tokens: Sequence[Sequence[str]], **options) -> li
     Args:
         result: AttributionResult with layer_attr [B, L, n, n] and layers = [0, …, L−1].
         tokens: the real tokens of each example (B lists).
-        options: passed to `build_graph` (method, tau, tau_last, sep_token).
+        options: passed to `build_graph` (method, tau, tau_last, sep_token, readout).
     """
     check_all_layers(result.layers, result.model_layers)
     if len(tokens) != result.layer_attr.shape[0]:
@@ -317,6 +346,8 @@ def graph_from_json(data: Mapping) -> nx.DiGraph:
         raise AttAttrError(f"not an attribution graph in node-link JSON ({exc})") from None
     root = graph.graph.get("root")
     graph.graph["root"] = tuple(root) if root is not None else None
+    if "roots" in graph.graph:
+        graph.graph["roots"] = [tuple(node) for node in graph.graph["roots"]]
     return graph
 
 
@@ -459,7 +490,8 @@ def graph_faithfulness(
 
     Every attention edge (l−1, j) → (l, i) zeroes A^{l−1}[:, i, j] (all heads). The control removes the
     same number of entries in each layer, drawn uniformly without replacement from the n(n−1)
-    off-diagonal (i, j), `draws` times; all rows run in one batch.
+    off-diagonal (i, j), `draws` times; all rows run in one batch. In the last layer of a graph into [CLS]
+    (readout "first") it draws from [CLS]'s row only, the entries there that can change the output.
 
     Args:
         model: the classifier (or its adapter) the graph was computed for.
@@ -496,12 +528,17 @@ def graph_faithfulness(
     for layer, i, j, _ in edges:
         keep[layer][1, i, j] = 0.0
     generator = torch.Generator().manual_seed(seed)
-    off_diagonal = torch.nonzero(~torch.eye(n, dtype=torch.bool))  # [n(n−1), 2] as (i, j)
+    off_diagonal = ~torch.eye(n, dtype=torch.bool)
+    cls_row = torch.zeros(n, n, dtype=torch.bool)
+    cls_row[0] = off_diagonal[0]
+    default_readout = "first" if graph.graph.get("method") == "algorithm1" else "all"  # graphs from before readout
+    last_layer_pool = cls_row if graph.graph.get("readout", default_readout) == "first" else off_diagonal
     for layer, count in enumerate(per_layer):
         if not count:
             continue
+        pool = torch.nonzero(last_layer_pool if layer == adapter.n_layers - 1 else off_diagonal)  # [m, 2] as (i, j)
         for row in range(2, rows):
-            picked = off_diagonal[torch.randperm(len(off_diagonal), generator=generator)[:count]]
+            picked = pool[torch.randperm(len(pool), generator=generator)[:count]]
             keep[layer][row, picked[:, 0], picked[:, 1]] = 0.0
     logits = forward_with_attention_edits(adapter, ids.expand(rows, n), None, None if types is None else
                                           types.expand(rows, n), keep)  # fmt: skip

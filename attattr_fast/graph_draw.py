@@ -89,14 +89,15 @@ def graph_figure(graph: nx.DiGraph, title: str | None = None) -> Figure:
 
     root = graph.graph.get("root")
     root = tuple(root) if root is not None else None
+    roots = {tuple(node) for node in graph.graph.get("roots", [root] if root is not None else [])}
     xs, ys, colors = [], [], []
     for node, data in graph.nodes(data=True):
         xs.append(data["position"])
         ys.append(data["layer"])
-        colors.append(ROOT_COLOR if node == root else NODE_COLOR)
+        colors.append(ROOT_COLOR if node in roots else NODE_COLOR)
     size = 42 if n <= 30 else 26
     ax.scatter(xs, ys, s=size, c=colors, edgecolors="white", linewidths=0.8, zorder=5)
-    if root is not None and root in graph:
+    if root is not None and root in graph:  # one terminal: named (a pooling head's terminals are every token)
         ax.annotate(graph.nodes[root]["token"], (root[1], root[0]), xytext=(0, 7), textcoords="offset points",
                     ha="center", va="bottom", fontsize=9, color=ROOT_COLOR, fontweight="bold", zorder=6,
                     parse_math=False)
@@ -123,6 +124,8 @@ def graph_figure(graph: nx.DiGraph, title: str | None = None) -> Figure:
         rule = f"release script tree, threshold {graph.graph.get('tau', 0.4):g}"
     else:
         rule = f"Algorithm 1, τ = {graph.graph.get('tau', 0.4):g}, τ_last = {graph.graph.get('tau_last', 0.0):g}"
+        if graph.graph.get("readout") == "all":
+            rule += " · into every token (the head pools them all)"
     summary = f"{rule} · {len(edges)} attention edges · width ∝ attribution (max {top:.3g}) · grey: residual"
     lines = ([] if title is None else title.splitlines()) + [summary]
     chars = int(width * 12)  # about what fits across the figure at 10 pt

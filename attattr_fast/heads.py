@@ -393,7 +393,8 @@ def pruning_curves(
     batch_size: int = 64,
     progress: bool = False,
 ) -> dict:
-    """Accuracy with the least important heads gated, by a global ranking of each importance [L, H].
+    """Accuracy with the least important heads gated, by a global ranking of each importance [L, H]. An adapter's
+    own gates stay: heads it gates are off at every fraction (and score 0 in `head_importance`).
 
     Returns {"fractions": [...], "heads_gated": [...], "n_examples": B,
              "accuracy": {kind: [accuracy at each fraction]},
@@ -402,13 +403,14 @@ def pruning_curves(
     adapter = adapter_for(model)
     fractions = tuple(float(f) for f in fractions)
     counts = [math.floor(f * adapter.n_layers * adapter.n_heads + 0.5) for f in fractions]
+    own_gates = adapter.head_gates.detach().float().cpu()
     acc, prob = {}, {}
     bar = _progress(len(importance) * len(fractions), "pruning curves", progress)
     for kind, scores in importance.items():
         _checked_gates(adapter, scores)
         acc[kind], prob[kind] = [], []
         for fraction in fractions:
-            gates = gates_for_fraction(scores, fraction)
+            gates = gates_for_fraction(scores, fraction) * own_gates
             a, p = evaluate_gates(adapter, input_ids, labels, attention_mask, token_type_ids, gates, batch_size)
             acc[kind].append(a)
             prob[kind].append(p)

@@ -19,6 +19,7 @@ from attattr_fast.graph import (
     graph_from_json,
     graph_to_json,
     graphs_from_result,
+    readout_of,
     receptive_field,
     release_tree,
 )
@@ -49,7 +50,7 @@ def test_duplicates_reversed_pairs_and_unreachable_nodes():
     a[0, 1, 2] = 0.5  # reversed pair of the edge just added: skipped
     a[0, 3, 0] = 0.39  # 0.39 of the maximum: below tau
     a[0, 0, 3] = -2.0  # negative: never an edge
-    graph = attribution_graph(a, tokens)
+    graph = attribution_graph(a, tokens, readout="first")  # the scores alone would say "all": row 2 is not zero
     assert set(graph.nodes) == {(2, 0), (1, 1), (1, 2), (0, 3), (0, 1)}
     assert edges_of(graph) == {
         ((1, 1), (2, 0)): ("attention", 0.9),
@@ -71,14 +72,14 @@ def test_the_diagonal_sets_the_maximum_and_the_threshold_is_strict():
     a[0, 0, 2] = 0.8  # exactly 0.4 of the maximum: not above
     a[0, 2, 0] = 0.5
     for tau in (0.0, 0.9):  # with one layer only tau_last applies
-        graph = attribution_graph(a, ["[CLS]", "x", "y"], tau=tau, tau_last=0.4)
+        graph = attribution_graph(a, ["[CLS]", "x", "y"], tau=tau, tau_last=0.4, readout="first")
         assert edges_of(graph) == {((0, 1), (1, 0)): ("attention", 1.0)}
 
 
 def test_ties_go_to_the_lower_pair():
     a = np.zeros((1, 3, 3))
     a[0, 0, 1] = a[0, 1, 0] = 0.5  # same value: (0,1) comes first, (1,0) is its reversed pair
-    graph = attribution_graph(a, ["[CLS]", "x", "y"])
+    graph = attribution_graph(a, ["[CLS]", "x", "y"], readout="first")
     assert edges_of(graph) == {((0, 1), (1, 0)): ("attention", 0.5)}
 
 
@@ -126,28 +127,90 @@ def test_sep_leaves_are_removed_repeatedly():
     }
 
 
+def test_a_pooling_readout_ends_in_every_token():
+    tokens = ["[CLS]", "a", "b", "c"]
+    a = np.zeros((2, 4, 4))
+    a[1, 2, 3] = 1.0  # (1,3) → (2,2): token b's last node, which the head reads
+    a[1, 0, 1] = 0.3  # below tau, which the last layer takes when the head reads every token
+    a[0, 2, 3] = 0.9  # pair {2,3} linked in the layer above: skipped
+    a[0, 1, 3] = 0.5  # (0,3) → (1,1): reaches the output through token a's own residual stream
+    graph = attribution_graph(a, tokens)
+    assert graph.graph["readout"] == "all" and graph.graph["tau_last"] == 0.4 and graph.graph["root"] is None
+    assert edges_of(graph) == {
+        ((1, 3), (2, 2)): ("attention", 1.0),
+        ((0, 3), (1, 1)): ("attention", 0.5),
+        ((0, 3), (1, 3)): ("residual", 0.0),
+        ((1, 3), (2, 3)): ("residual", 0.0),
+        ((1, 1), (2, 1)): ("residual", 0.0),
+    }
+    assert graph.graph["roots"] == [(2, 1), (2, 2), (2, 3)]  # the terminals of the tokens in the graph
+    into_cls = attribution_graph(a, tokens, readout="first")  # the same scores read as a [CLS] head's
+    assert edges_of(into_cls) == {((1, 1), (2, 0)): ("attention", 0.3), ((0, 3), (1, 1)): ("attention", 0.5)}
+    assert into_cls.graph["roots"] == [(2, 0)] and into_cls.graph["tau_last"] == 0.0
+
+
+def test_the_readout_found_in_the_scores_is_what_the_head_reads(builtin):
+    """Zeroing the last layer's attention outside [CLS]'s row leaves a [CLS] head's logits as they are and moves a
+    pooling head's: the readout the scores give must agree, for transformers' BERT and the built-in model."""
+    from attattr_fast.text import encode
+
+    model, tokenizer = builtin
+    enc = encode(tokenizer, ["A charming and funny film, though the plot drags."])
+    bert = _sensitive(tiny_classifier("bert", layers=2))
+    ids, mask, types = padded_batch(bert, [9], seed=2)
+    for model_, (ids_, mask_, types_), expected in ((bert, (ids, mask, types), "first"),
+                                                     (model, (enc.input_ids, enc.attention_mask,
+                                                              enc.token_type_ids), "all")):  # fmt: skip
+        n, top = ids_.shape[1], model_.config.num_hidden_layers - 1
+        keep = torch.ones(1, n, n)
+        keep[0, 1:] = 0.0
+        plain = forward_with_attention_edits(model_, ids_, mask_, types_)
+        edited = forward_with_attention_edits(model_, ids_, mask_, types_, {top: keep})
+        assert torch.equal(plain, edited) == (expected == "first")
+        res = AttentionAttribution(model_).attribute(ids_, mask_, types_, n_steps=2, output="reduced")
+        assert readout_of(res.layer_attr[0]) == expected
+        assert attribution_graph(res.layer_attr[0], enc.tokens[0] if expected == "all" else ["t"] * n).graph[
+            "readout"] == expected  # fmt: skip
+
+
 def test_a_graph_with_no_edges_is_the_terminal_alone():
     graph = attribution_graph(np.zeros((2, 3, 3)), ["[CLS]", "x", "[SEP]"])
     assert list(graph.nodes) == [(2, 0)] and graph.number_of_edges() == 0
 
 
-def test_invariants_on_random_matrices():
+@pytest.mark.parametrize("readout", ["first", "all"])
+def test_invariants_on_random_matrices(readout):
     rng = np.random.default_rng(3)
     tokens = ["[CLS]"] + [f"t{i}" for i in range(1, 11)] + ["[SEP]"]
     for trial in range(5):
         a = rng.normal(size=(4, 12, 12))
+        if readout == "first":
+            a[3, 1:] = 0.0  # what a head that reads [CLS] only leaves in the last layer: no gradient elsewhere
         tau = (0.2, 0.4, 0.6, 0.3, 0.5)[trial]
-        graph = attribution_graph(torch.tensor(a, dtype=torch.float32), tokens, tau=tau)
+        graph = attribution_graph(torch.tensor(a, dtype=torch.float32), tokens, tau=tau)  # readout from the scores
+        assert graph.graph["readout"] == readout
+        tau_last = 0.0 if readout == "first" else tau
         pairs = set()
         for layer, i, j, weight in attention_edges(graph):
             m = a[layer].max()
-            threshold = 0.0 if layer == 3 else tau
+            threshold = tau_last if layer == 3 else tau
             assert i != j and weight > 0 and weight / m > threshold - 1e-6
             assert frozenset((i, j)) not in pairs
             pairs.add(frozenset((i, j)))
-        root = (4, 0)
-        assert all(v == root or nx.has_path(graph, v, root) for v in graph)
+        roots = [(4, 0)] if readout == "first" else [(4, i) for i in range(12)]
+        assert graph.graph["roots"] == [v for v in roots if v in graph]
+        assert all(v in roots or any(nx.has_path(graph, v, r) for r in graph.graph["roots"]) for v in graph)
         assert not [v for v, d in graph.nodes(data=True) if d["token"] == "[SEP]" and graph.in_degree(v) == 0]
+        # complete where nothing can pre-empt a pair: the strongest entry of the last layer is always an edge, and
+        # into [CLS] every positive last-layer entry (each pair {0, j} occurs once; [SEP] only if it receives below)
+        last = a[3] * (1 - np.eye(12))
+        i, j = np.unravel_index(np.argmax(last if readout == "all" else last[:1]), last.shape if readout == "all"
+                                else (1, 12))  # fmt: skip
+        assert (3, i, j) in {(layer, r, c) for layer, r, c, _ in attention_edges(graph)}
+        if readout == "first":
+            into_cls = {c for layer, r, c, _ in attention_edges(graph) if layer == 3}
+            senders = {c for c in range(1, 11) if last[0, c] > 0}
+            assert senders <= into_cls
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -163,12 +226,15 @@ def test_bad_input_is_one_line_error(bad, message):
 
 def test_json_round_trip():
     a = np.random.default_rng(0).normal(size=(3, 6, 6))
-    graph = attribution_graph(a, ["[CLS]", "a", "b", "c", "d", "[SEP]"], tau=0.3)
-    data = json.loads(json.dumps(graph_to_json(graph, text="x")))
-    assert data["graph"]["text"] == "x" and data["graph"]["root"] == [3, 0]
-    back = graph_from_json(data)
-    assert set(back.nodes) == set(graph.nodes) and edges_of(back) == edges_of(graph)
-    assert back.graph["root"] == (3, 0)
+    for readout in ("first", "all"):
+        graph = attribution_graph(a, ["[CLS]", "a", "b", "c", "d", "[SEP]"], tau=0.3, readout=readout)
+        data = json.loads(json.dumps(graph_to_json(graph, text="x")))
+        assert data["graph"]["text"] == "x" and data["graph"]["readout"] == readout
+        back = graph_from_json(data)
+        assert set(back.nodes) == set(graph.nodes) and edges_of(back) == edges_of(graph)
+        assert back.graph["root"] == graph.graph["root"] and back.graph["roots"] == graph.graph["roots"]
+    assert graph.graph["root"] is None and len(graph.graph["roots"]) > 1
+    assert attribution_graph(a, graph.graph["tokens"], readout="first").graph["root"] == (3, 0)
 
 
 # -- the released script's tree, worked by hand ---------------------------------------------------------
@@ -387,6 +453,14 @@ def test_graph_faithfulness_zeroes_the_graph_edges_and_draws_matched_controls(mo
     assert result.graph_drop == pytest.approx(result.prob - result.graph_prob)
     again = graph_faithfulness(model, graph, ids, token_type_ids=types, target=1, draws=7, seed=3)
     assert again == result
+    # in the last layer of a graph into [CLS] the control draws from [CLS]'s row only: elsewhere an entry
+    # cannot change a [CLS] head's output
+    last = seen[1][2:]
+    assert float(last[:, 1:].min()) == 1.0 and float(last[:, 0].min()) == 0.0
+    seen.clear()
+    graph_faithfulness(model, attribution_graph(a, graph.graph["tokens"], readout="all", sep_token=None), ids,
+                       token_type_ids=types, draws=30, seed=3)  # fmt: skip
+    assert float(seen[1][2:, 1:].min()) == 0.0  # a pooling head's: every row
 
 
 def test_graph_faithfulness_checks_its_input():
@@ -449,7 +523,8 @@ def cli(*argv):
 
 def test_cli_json_from_results_matches_the_hand_worked_graph(hand_results, tmp_path, capsys):
     out = tmp_path / "g.json"
-    assert cli("--results", hand_results, "--index", 1, "--out", out) == 0
+    # the hand-made last layer has entries outside [CLS]'s row, which on its own would make the readout "all"
+    assert cli("--results", hand_results, "--index", 1, "--readout", "first", "--out", out) == 0
     data = json.loads(out.read_text())
     graph = graph_from_json(data)
     assert {(u, v): d["kind"] for u, v, d in graph.edges(data=True)} == {
@@ -472,7 +547,7 @@ def test_cli_images_and_html(hand_results, tmp_path, fmt, magic):
 
 def test_cli_receptive_field(hand_results, tmp_path, capsys):
     out = tmp_path / "rf.json"
-    assert cli("--results", hand_results, "--receptive-field", "--out", out) == 0
+    assert cli("--results", hand_results, "--receptive-field", "--readout", "first", "--out", out) == 0
     data = json.loads(out.read_text())
     # both examples give the hand-worked graph: layer 0 edges (1←3), (2←1); layer 1 edges (0←1), (0←2)
     assert [layer["histogram"] for layer in data["layers"]] == [{"1": 2, "2": 2}, {"1": 2, "2": 2}]
@@ -535,6 +610,9 @@ def test_cli_other_mistakes(hand_results, tmp_path, capsys):
     _fails(capsys, "--results", hand_results, "--out", bmp, out=bmp, match="'.bmp' is not one of")
     _fails(capsys, "--results", hand_results, "--receptive-field", "--format", "html", match="--format")
     _fails(capsys, "--text", "fine", "--receptive-field", match="needs --results")
+    _fails(capsys, "--results", hand_results, "--readout", "cls", "--out", out, out=out, match="--readout")
+    _fails(capsys, "--results", hand_results, "--method", "release", "--readout", "all", "--out", out, out=out,
+           match="--readout goes with")  # fmt: skip
     partial = _results_dir(tmp_path / "partial", np.zeros((2, 3, 3)), ["[CLS]", "x", "[SEP]"], layers=[0, 2])
     _fails(capsys, "--results", partial, "--out", out, out=out, match="all 2 layers")
     # the lower layers of a deeper model: every layer present, but the top one is not the model's last

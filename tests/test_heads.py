@@ -214,6 +214,28 @@ def test_layer_effectiveness_keeps_the_adapters_own_gates():
         assert effect["accuracy"]["a"]["largest_first"][layer][0] == pytest.approx(gated, abs=1e-6)
 
 
+def test_pruning_curves_keep_the_adapters_own_gates():
+    model, ids, mask, types, labels = _batch("bert", lengths=tuple(range(3, 15)))
+    adapter = adapter_for(model)
+    adapter.head_gates[:, :2] = 0.0  # half the heads pruned before the analysis
+    scores = torch.rand(3, 4, generator=torch.Generator().manual_seed(2))  # the ranking may take gated heads too
+    curves = heads.pruning_curves(adapter, {"a": scores}, ids, labels, mask, types, fractions=(0.0, 0.25))
+    scale = torch.ones(len(labels), 3, 4)
+    scale[:, :, :2] = 0.0
+    with torch.no_grad():
+        pruned = _logits(model, ids, mask, types, scale)  # transformers' model with the same heads zeroed
+        for flat in torch.argsort(scores.flatten())[:3].tolist():
+            scale[:, flat // 4, flat % 4] = 0.0
+        more = _logits(model, ids, mask, types, scale)
+        whole = _logits(model, ids, mask, types)
+    for k, logits in enumerate((pruned, more)):
+        assert curves["accuracy"]["a"][k] == pytest.approx((logits.argmax(-1) == labels).float().mean().item())
+        gold = torch.softmax(logits, -1).gather(1, labels[:, None]).mean().item()
+        assert curves["gold_probability"]["a"][k] == pytest.approx(gold, rel=1e-5)
+    whole_gold = torch.softmax(whole, -1).gather(1, labels[:, None]).mean().item()
+    assert curves["gold_probability"]["a"][0] != pytest.approx(whole_gold, rel=1e-3)  # the pruning mattered
+
+
 def test_split_is_disjoint_and_stratified():
     labels = [0] * 30 + [1] * 10 + [2] * 20
     first, rest = heads.split_indices(labels, 30, seed=4)

@@ -30,7 +30,13 @@ def register(sub) -> None:
                    help="with --results: distances |i-j| of the graph edges of every example, per layer")
     p.add_argument("--method", default="algorithm1", help="algorithm1 (default) or release (the authors' script)")
     p.add_argument("--tau", default="0.4", help="edge threshold, share of the layer's maximum, in [0, 1) (default 0.4)")
-    p.add_argument("--tau-last", default="0.0", help="threshold for the last layer, algorithm1 only (default 0.0)")
+    p.add_argument("--tau-last", default=None,
+                   help="threshold for the last layer, algorithm1 only (default: 0.0, every edge into [CLS], for a "
+                        "model that reads [CLS]; --tau for one that pools every token, as the built-in model)")
+    p.add_argument("--readout", default="auto",
+                   help="what the model's head reads after the last layer, algorithm1 only: first ([CLS]), all "
+                        "(every token, a pooling head) or auto (default: from the scores, exactly, since a head "
+                        "that reads [CLS] leaves the last layer's other rows zero)")
     p.add_argument("--format", default=None, help="png, svg, html or json (default: from --out, else png)")
     p.add_argument("--out", default=None, help="file to write (default graph-<index>.<format> / graph.<format>)")
     common.add_model_options(p)
@@ -56,12 +62,18 @@ def _output(args, default_stem: str, allowed: tuple[str, ...]) -> tuple[Path, st
 
 
 def _options(args) -> dict:
-    from attattr_fast.graph import METHODS, check_tau
+    from attattr_fast.graph import METHODS, READOUTS, check_tau
 
     if args.method not in METHODS:
         raise AttAttrError(f"--method: unknown graph method {args.method!r}; choose one of {', '.join(METHODS)}")
+    if args.readout not in ("auto", *READOUTS):
+        raise AttAttrError(f"--readout: {args.readout!r} is not one of auto, {', '.join(READOUTS)}")
     options = {"method": args.method, "tau": check_tau(args.tau, "--tau")}
-    options["tau_last"] = check_tau(args.tau_last, "--tau-last")
+    options["tau_last"] = None if args.tau_last is None else check_tau(args.tau_last, "--tau-last")
+    if args.method == "algorithm1":
+        options["readout"] = None if args.readout == "auto" else args.readout
+    elif args.readout != "auto":
+        raise AttAttrError("--readout goes with --method algorithm1; the release tree starts at its own root")
     return options
 
 
