@@ -323,6 +323,27 @@ def test_heads_cli_writes_the_api_scores(capsys, tmp_path, tiny_model_dir):
     assert plot.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_heads_cli_normalize_taylor_normalises_the_taylor_scores_only(capsys, tmp_path, tiny_model_dir):
+    from attattr_fast.cli.heads import load_labelled
+    from attattr_fast.models import load_classifier
+
+    data = _labelled_tsv(tmp_path / "data.tsv")
+    out = tmp_path / "heads.json"
+    assert main(["heads", "--model", str(tiny_model_dir), "--input", str(data), "--kinds", "taylor,attention",
+                 "--normalize", "taylor", "--out", str(out)]) == 0  # fmt: skip
+    report = json.loads(out.read_text())
+    model, tokenizer = load_classifier(tiny_model_dir)
+    inputs, _ = load_labelled(str(data), "generic", model, tokenizer)
+    args = (model, inputs.input_ids, inputs.labels, inputs.attention_mask, inputs.token_type_ids)
+    taylor = heads.head_importance(*args, kind="taylor")
+    norms = taylor.norm(dim=1, keepdim=True)
+    assert float(norms.min()) > 0 and not torch.allclose(norms, torch.ones_like(norms))
+    torch.testing.assert_close(torch.tensor(report["scores"]["taylor"]), taylor / norms)
+    torch.testing.assert_close(torch.tensor(report["scores"]["attention"]), heads.head_importance(*args,
+                                                                                                  kind="attention"))
+    assert report["normalize"] == "taylor"
+
+
 def test_single_class_subset_is_warned_about(capsys, tmp_path, tiny_model_dir):
     from attattr_fast.cli.heads import load_labelled
     from attattr_fast.models import load_classifier

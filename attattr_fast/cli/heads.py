@@ -27,8 +27,9 @@ def add_importance_options(p: argparse.ArgumentParser, default_kinds: str) -> No
     p.add_argument("--kinds", default=default_kinds, help="comma-separated: attattr, taylor, accuracy, attention")
     p.add_argument("--steps", default="20", help="quadrature steps of attattr (default 20)")
     p.add_argument("--method", default="riemann_right", help="quadrature rule of attattr (default riemann_right)")
-    p.add_argument("--normalize", default="none", choices=("none", "layer"),
-                   help="layer: divide each layer's scores by their L2 norm (Michel et al.)")
+    p.add_argument("--normalize", default="none", choices=("none", "layer", "taylor"),
+                   help="layer: divide each layer's scores by their L2 norm (Michel et al.), for every kind; taylor: "
+                        "the taylor scores only, the baseline as Michel et al. rank it, the others raw")
     p.add_argument("--batch-size", default="16", help="examples per forward (default 16)")
 
 
@@ -87,18 +88,21 @@ def importance_options(args) -> dict:
     """`head_importance`'s options from the command line, checked (before any model or data is loaded)."""
     return {"n_steps": common.parse_positive_int(args.steps, "--steps"), "method": common.parse_method(args.method),
             "batch_size": common.parse_positive_int(args.batch_size, "--batch-size"),
-            "normalize": None if args.normalize == "none" else args.normalize}
+            "normalize": args.normalize}
 
 
 def compute_importance(model, data, kinds: list[str], args, progress: bool = True) -> dict:
     from attattr_fast.heads import head_importance
 
     options = importance_options(args)
+    normalize = options.pop("normalize")
     scores = {}
     for kind in kinds:
         print(f"importance: {kind} on {len(data)} examples", file=sys.stderr)
+        by_layer = normalize == "layer" or (normalize == "taylor" and kind == "taylor")
         scores[kind] = head_importance(model, data.input_ids, data.labels, data.attention_mask, data.token_type_ids,
-                                       kind=kind, progress=progress, **options)  # fmt: skip
+                                       kind=kind, progress=progress, normalize="layer" if by_layer else None,
+                                       **options)  # fmt: skip
     return scores
 
 
