@@ -248,7 +248,11 @@ def save_classifier(model: torch.nn.Module, tokenizer, path: str | os.PathLike,
         if path.exists():
             path.rmdir()
         tmp.rename(path)
-    except BaseException:
+    except BaseException as exc:
+        from safetensors import SafetensorError
+
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, SafetensorError):  # safetensors' own error for a failed write (a full disk, say)
+            raise OSError(f"{path}: the model could not be saved ({exc})") from None
         raise
     return path

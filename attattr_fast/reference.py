@@ -120,7 +120,7 @@ def attribute(
     alphas, weights = check_options(method, n_steps, output, dtype, internal_batch_size, top_k)
     dtype, top_k = as_dtype(dtype), int(top_k)
     meta = adapter_for(model)  # only for the model's sizes
-    if any(p.is_inference() for p in model.parameters()):
+    if any(t.is_inference() for t in (*model.parameters(), *model.buffers())):
         raise AttAttrError("the model's weights were made under torch.inference_mode(), and the reference runs the "
                            "model's own autograd, which cannot use them: load the model outside inference mode")
     device = meta.device

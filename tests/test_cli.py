@@ -60,7 +60,7 @@ def test_compile_option_reaches_the_engine(capsys, tmp_path, tiny_model_dir, mon
     monkeypatch.setattr(attattr_fast.api, "AttentionAttribution", Recording)
     for flags in ([], ["--compile"]):
         code, _, _ = run_cli(capsys, "attribute", "--model", str(tiny_model_dir), "--text", "a good film",
-                             "--steps", "1", "--quiet", *flags)
+                             "--steps", "1", *flags)
         assert code == 0
     assert asked == [False, True]
 
@@ -72,7 +72,7 @@ def test_compile_failure_is_one_line(capsys, tiny_model_dir):
     try:  # no C++ compiler, and no cached graph that would spare the compile
         with inductor.patch({"cpp.cxx": ("/nonexistent/c++",), "fx_graph_cache": False}):
             code, out, err = run_cli(capsys, "attribute", "--model", str(tiny_model_dir), "--text", "a good film",
-                                     "--steps", "1", "--quiet", "--no-progress", "--compile")
+                                     "--steps", "1", "--no-progress", "--compile")
     finally:
         torch._dynamo.reset()
     assert code == 2 and out == ""
@@ -212,6 +212,8 @@ def test_store_options_without_out_and_version(capsys, tiny_model_dir):
     for option, value in (("--shard-size", "5"), ("--store-dtype", "float16")):
         code, _, err = run_cli(capsys, "attribute", "--text", "good", "--model", str(tiny_model_dir), option, value)
         assert code == 2 and f"{option} needs --out" in err and err.count("\n") == 1, err
+    code, out, err = run_cli(capsys, "attribute", "--text", "good", "--model", str(tiny_model_dir), "--quiet")
+    assert code == 2 and out == "" and "--quiet without --out" in err and err.count("\n") == 1, err
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
     assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"attattr-fast {attattr_fast.__version__}"
@@ -276,3 +278,38 @@ def test_unwritable_out_and_failed_writes_are_one_line(capsys, tmp_path, tiny_mo
     code, _, err = run_cli(capsys, "attribute", "--text", "good", "--model", str(tiny_model_dir),
                            "--out", str(tmp_path / "res"))  # fmt: skip
     assert code == 2 and err == f"attattr-fast: error: {tmp_path / 'res'}: No space left on device\n", err
+
+
+def test_a_target_other_than_the_prediction_is_marked(capsys, tiny_model_dir):
+    args = ("attribute", "--model", str(tiny_model_dir), "--text", "a good film", "--steps", "1", "--no-progress")
+    _, predicted, _ = run_cli(capsys, *args)
+    label = predicted.split()[1]
+    other = {"positive": "negative", "negative": "positive"}[label]
+    _, marked, _ = run_cli(capsys, *args, "--target", other)
+    assert predicted.startswith(f"[0] {label} p=") and marked.startswith(f"[0] target {other} p=")
+    p_label, p_other = (float(text.split("p=")[1].split()[0]) for text in (predicted, marked))
+    assert p_label + p_other == pytest.approx(1.0, abs=2e-3)  # two classes: the other class's probability
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["triggers", "extract", "--input", "IN", "--out", "p.json", "--markdown", "p.json"],
+     "--markdown p.json is also --out"),
+    (["triggers", "evaluate", "--patterns", "p.json", "--input", "IN", "--out", "p.json"],
+     "--out p.json is also --patterns"),
+    (["heads", "--input", "IN", "--out", "IN"], "--out IN is also --input"),
+    (["heads", "--input", "IN", "--plot", "h.png", "--scatter", "./h.png", "--compare-input", "IN"], "also --plot"),
+    (["prune", "--input", "IN", "--json", "IN"], "--json IN is also --input"),
+    (["finetune", "--train", "IN", "--out", "IN"], "--out IN is also --train"),
+    (["graph", "--results", "RES", "--out", "RES/manifest.json"], "lies inside --results RES"),
+    (["graph", "--results", "RES", "--out", "RES/../RES/x/g.json"], "lies inside --results"),
+])  # fmt: skip
+def test_an_output_that_would_overwrite_an_input_or_output_is_refused(capsys, tmp_path, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "IN").write_text("text\tlabel\ngood\tpositive\n")
+    (tmp_path / "p.json").write_text("{}")
+    (tmp_path / "RES").mkdir()
+    (tmp_path / "RES" / "manifest.json").write_text("{}")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before

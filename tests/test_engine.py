@@ -585,6 +585,13 @@ def test_weights_made_in_inference_mode_are_attributed_and_the_reference_says_wh
     assert torch.equal(got.attributions, expected.attributions)
     with pytest.raises(AttAttrError, match="made under torch.inference_mode"):
         reference.attribute(loaded, ids, mask, types, n_steps=3)
+    buffers_only = copy.deepcopy(model)  # as a model whose position ids were made in inference mode
+    with torch.inference_mode():
+        for module in buffers_only.modules():
+            module._buffers.update({name: b.clone() for name, b in module._buffers.items() if b is not None})
+    assert any(b.is_inference() for b in buffers_only.buffers())
+    with pytest.raises(AttAttrError, match="made under torch.inference_mode"):
+        reference.attribute(buffers_only, ids, mask, types, n_steps=3)
 
 
 def test_reference_leaves_every_submodule_in_its_own_mode():

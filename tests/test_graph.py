@@ -565,7 +565,8 @@ def _fails(capsys, *argv, out=None, match=""):
         assert not out.exists()
 
 
-@pytest.mark.parametrize("index, match", [("2", "no such example"), ("-1", "non-negative"), ("x", "integer")])
+@pytest.mark.parametrize("index, match", [("2", "res (finished examples: 0..1)"),
+                                          ("-1", "non-negative"), ("x", "integer")])  # fmt: skip
 def test_cli_bad_index(hand_results, tmp_path, capsys, index, match):
     _fails(capsys, "--results", hand_results, "--index", index, "--out", tmp_path / "g.png", out=tmp_path / "g.png",
            match=match)
@@ -613,6 +614,8 @@ def test_cli_other_mistakes(hand_results, tmp_path, capsys):
     _fails(capsys, "--results", hand_results, "--readout", "cls", "--out", out, out=out, match="--readout")
     _fails(capsys, "--results", hand_results, "--method", "release", "--readout", "all", "--out", out, out=out,
            match="--readout goes with")  # fmt: skip
+    _fails(capsys, "--results", hand_results, "--method", "release", "--tau-last", "0.5", "--out", out, out=out,
+           match="--tau-last goes with")  # fmt: skip
     partial = _results_dir(tmp_path / "partial", np.zeros((2, 3, 3)), ["[CLS]", "x", "[SEP]"], layers=[0, 2])
     _fails(capsys, "--results", partial, "--out", out, out=out, match="all 2 layers")
     # the lower layers of a deeper model: every layer present, but the top one is not the model's last
@@ -675,3 +678,10 @@ def test_cli_text_matches_the_api(tmp_path, builtin):
     got = graph_from_json(data)
     assert data["graph"]["tokens"] == enc.tokens[0] and data["graph"]["prob"] == pytest.approx(float(res.prob[0]))
     assert set(got.edges) == set(expected.edges)
+
+
+def test_finished_examples_are_named_as_runs():
+    from attattr_fast.cli.graph import _ranges
+
+    assert _ranges([5, 0, 1, 2, 7, 8]) == "0..2, 5, 7..8"
+    assert _ranges(list(range(0, 40, 2)), most=3) == "0, 2, 4, … (17 more runs)"

@@ -80,6 +80,20 @@ def test_saved_pruned_model_loads_with_load_classifier(tmp_path, tiny_model_dir,
         save_classifier(pruned, tokenizer, path)
 
 
+def test_a_failed_save_is_an_os_error_and_leaves_nothing(tmp_path, tiny_model_dir, monkeypatch):
+    from safetensors import SafetensorError
+
+    model, tokenizer = load_classifier(tiny_model_dir)
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(No space left on device)")
+
+    monkeypatch.setattr(model, "save_pretrained", full_disk)
+    with pytest.raises(OSError, match="could not be saved.*No space left"):
+        save_classifier(model, tokenizer, tmp_path / "saved")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_unevenly_pruned_model_still_fine_tunes_and_takes_trigger_evaluation(capsys, tmp_path, tiny_model_dir):
     """Neither command attributes, so neither needs the adapter that such a model cannot have."""
     from attattr_fast.triggers import Extraction, Pattern, save_patterns

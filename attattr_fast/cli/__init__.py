@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+        from attattr_fast.cli.common import check_paths_apart
+
+        check_paths_apart(args, args.reads, args.writes)
         return int(args.func(args) or 0)
     except AttAttrError as exc:
         _say(f"attattr-fast: error: {exc}")

@@ -7,7 +7,6 @@ With --out the run is resumable: the same command on the same directory continue
 from __future__ import annotations
 
 import argparse
-import collections
 import hashlib
 import json
 import re
@@ -58,8 +57,8 @@ def register(sub) -> None:
     p.add_argument("--compile", action="store_true",
                    help="run the layers above each target under torch.compile (compiles first: for long runs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--quiet", action="store_true", help="print nothing per example")
-    p.set_defaults(func=run)
+    p.add_argument("--quiet", action="store_true", help="with --out: print nothing per example")
+    p.set_defaults(func=run, reads=("input",), writes=("out",))
 
 
 def parse_size(value: str, name: str) -> int | None:
@@ -119,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
                                                 ("--repair", args.repair or None)) if value is not None]
         if stored_only:
             raise AttAttrError(f"{stored_only[0]} needs --out, the results directory it applies to")
+        if args.quiet:
+            raise AttAttrError("--quiet without --out would compute the scores, then print and keep nothing")
     shard_size = common.parse_positive_int(args.shard_size or "256", "--shard-size")
     budget = parse_size(args.memory_budget, "--memory-budget")
     store_dtype = {"float32": torch.float32, "float16": torch.float16}[args.store_dtype or "float32"]
@@ -139,18 +140,16 @@ def run(args: argparse.Namespace) -> int:
         targets = corpora.resolve_targets(args.target, corpus, aa)
         options = dict(layers=layers, n_steps=n_steps, method=method, output=args.output, dtype=dtype)
         progress = not args.no_progress
+        predicted = args.target == "predicted"
 
         if args.out is None:
             records = corpora.attribute_corpus(aa, corpus, targets, batch_size=batch_size, top_k=top,
                                                progress=progress, memory_budget=budget, **options)  # fmt: skip
-            if args.quiet:
-                collections.deque(records, maxlen=0)
-                return 0
             # The engine runs them shortest first; each prints once the ones before it in the input have (held
             # as text meanwhile: the tensors go).
             waiting, following = {}, 0
             for record in records:
-                waiting[record.index] = format_record(record, top)
+                waiting[record.index] = format_record(record, top, predicted)
                 while following in waiting:
                     print(waiting.pop(following), flush=True)
                     following += 1
@@ -164,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
             "labels": {str(k): v for k, v in (aa.adapter.config.id2label or {}).items()},
             "processes": dist.world_size,
         }
-        show = None if args.quiet else (lambda records: [print(format_record(r, top)) for r in records])
+        show = None if args.quiet else (lambda records: [print(format_record(r, top, predicted)) for r in records])
         stats = corpora.run_corpus(aa, corpus, targets, args.out, meta, shard_size=shard_size,
                                    store_dtype=store_dtype, top_k=top, repair=args.repair, progress=progress,
                                    batch_size=batch_size, memory_budget=budget, dist=dist, on_records=show,
@@ -178,11 +177,13 @@ def run(args: argparse.Namespace) -> int:
         dist.close()
 
 
-def format_record(record, top: int) -> str:
-    """A record's prediction and, per layer, its `top` strongest interactions (key→query score), as lines."""
+def format_record(record, top: int, predicted: bool = True) -> str:
+    """A record's target class (the prediction, or marked "target") with its probability and, per layer, its `top`
+    strongest interactions (key→query score), as lines."""
     tokens = record.tokens
     text = record.text if record.text_pair is None else f"{record.text} || {record.text_pair}"
-    lines = [f"[{record.index}] {record.target_label} p={record.prob:.3f}  {text}"]
+    label = record.target_label if predicted else f"target {record.target_label}"
+    lines = [f"[{record.index}] {label} p={record.prob:.3f}  {text}"]
     for li, layer in enumerate(record.layers):
         parts = []
         for q, k, s in zip(record.top_query[li].tolist(), record.top_key[li].tolist(), record.top_score[li].tolist()):

@@ -76,6 +76,29 @@ def check_output_path(value: str | None, option: str, directory: bool = False, i
     return path
 
 
+def check_paths_apart(args, reads: tuple[str, ...], writes: tuple[str, ...]) -> None:
+    """Refuse an output (the options `writes`, by argparse dest) that is an input (`reads`), another output, or
+    inside a directory read: writing it would destroy what the command reads or has just written."""
+    def option(dest: str) -> str:
+        return "--" + dest.replace("_", "-")
+
+    read = {Path(value).expanduser().resolve(): dest for dest in reads if (value := getattr(args, dest, None))}
+    written: dict[Path, str] = {}
+    for dest in writes:
+        value = getattr(args, dest, None)
+        if not value:
+            continue
+        path = Path(value).expanduser().resolve()
+        clash = read.get(path) or written.get(path)
+        if clash is not None:
+            raise AttAttrError(f"{option(dest)} {value} is also {option(clash)}; writing it would overwrite that")
+        for folder, source in read.items():
+            if folder in path.parents and folder.is_dir():
+                raise AttAttrError(f"{option(dest)} {value} lies inside {option(source)} {getattr(args, source)}; "
+                                   "write it elsewhere")  # fmt: skip
+        written[path] = dest
+
+
 def _can_create_in(folder: Path) -> bool:
     """Whether a file can be made in `folder`, tried (permission bits do not tell for root or read-only mounts)."""
     try:

@@ -33,7 +33,7 @@ def register(sub) -> None:
     p.add_argument("--weight-decay", default="0.01", help="AdamW weight decay (default 0.01)")
     p.add_argument("--max-length", default="128", help="tokens per example, longer ones truncated (default 128)")
     p.add_argument("--seed", default="0", help="seed of the shuffling, dropout and the new head (default 0)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, reads=("train", "eval"), writes=("out",))
 
 
 def _float(value: str, option: str) -> float:

@@ -43,7 +43,7 @@ def register(sub) -> None:
     p.add_argument("--steps", default=None, help="with --text: quadrature steps (default 20)")
     p.add_argument("--quadrature", default=None, help="with --text: quadrature rule (default riemann_right)")
     p.add_argument("--target", default=None, help="with --text: predicted (default) or a label name")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, reads=("results",), writes=("out",))
 
 
 def _output(args, default_stem: str, allowed: tuple[str, ...]) -> tuple[Path, str]:
@@ -72,8 +72,10 @@ def _options(args) -> dict:
     options["tau_last"] = None if args.tau_last is None else check_tau(args.tau_last, "--tau-last")
     if args.method == "algorithm1":
         options["readout"] = None if args.readout == "auto" else args.readout
-    elif args.readout != "auto":
-        raise AttAttrError("--readout goes with --method algorithm1; the release tree starts at its own root")
+    else:
+        given = "--readout" if args.readout != "auto" else "--tau-last" if args.tau_last is not None else None
+        if given:
+            raise AttAttrError(f"{given} goes with --method algorithm1; the release tree starts at its own root")
     return options
 
 
@@ -123,6 +125,18 @@ def _load_records(directory: str):
     return results
 
 
+def _ranges(indices: list[int], most: int = 6) -> str:
+    """Sorted input positions as runs, "0..11, 16, 20..47", the first `most` of them."""
+    runs: list[list[int]] = []
+    for i in sorted(indices):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    shown = [f"{a}..{b}" if b > a else str(a) for a, b in runs[:most]]
+    return ", ".join(shown) + (f", … ({len(runs) - most} more runs)" if len(runs) > most else "")
+
+
 def _model_facts(results, directory: str) -> tuple[int, str]:
     """(encoder layers, separator token) of the model that wrote `results`, from its manifest."""
     model = results.manifest.get("model")
@@ -141,8 +155,8 @@ def _from_results(args, index: int) -> dict:
         # --index is the example's input position, as `attribute` prints it; an unfinished run may lack some
         indices = list(results.indices)
         if index not in indices:
-            shown = f"0..{indices[-1]}" if indices == list(range(len(indices))) else f"{len(indices)} of them"
-            raise AttAttrError(f"--index {index}: no such example in {args.results} (examples {shown})")
+            raise AttAttrError(f"--index {index}: no such example in {args.results} (finished examples: "
+                               f"{_ranges(indices)})")
         record = results[indices.index(index)]
     finally:
         results.close()

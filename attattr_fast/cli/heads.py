@@ -45,7 +45,7 @@ def register(sub) -> None:
     p.add_argument("--out", default=None, help="JSON file for the scores")
     p.add_argument("--plot", default=None, help="PNG of the [layer, head] heat maps")
     p.add_argument("--scatter", default=None, help="PNG scatter of --input against --compare-input (first kind)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, reads=("input", "compare_input"), writes=("out", "plot", "scatter"))
 
 
 def parse_kinds(value: str, option: str = "--kinds") -> list[str]:

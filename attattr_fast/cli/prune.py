@@ -47,7 +47,7 @@ def register(sub) -> None:
     p.add_argument("--by", default="attattr", help="importance kind that ranks heads for --fraction")
     p.add_argument("--save", default=None, help="directory for the pruned model (needs --fraction)")
     p.add_argument("--timing-repeats", default="10", help="timed passes of each model (default 10)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, reads=("input", "eval_input"), writes=("json", "plot", "layer_plot", "save"))
 
 
 def parse_fraction(value: str, option: str) -> float:
