@@ -393,8 +393,9 @@ def pruning_curves(
     batch_size: int = 64,
     progress: bool = False,
 ) -> dict:
-    """Accuracy with the least important heads gated, by a global ranking of each importance [L, H]. An adapter's
-    own gates stay: heads it gates are off at every fraction (and score 0 in `head_importance`).
+    """Accuracy with the least important heads gated, by a global ranking of each importance [L, H]. Heads the
+    adapter already gates stay off, and the fractions count the heads it has on: at fraction f the round(f · on)
+    lowest-ranked of those go off too ("heads_gated" counts every head off).
 
     Returns {"fractions": [...], "heads_gated": [...], "n_examples": B,
              "accuracy": {kind: [accuracy at each fraction]},
@@ -402,15 +403,23 @@ def pruning_curves(
     """
     adapter = adapter_for(model)
     fractions = tuple(float(f) for f in fractions)
-    counts = [math.floor(f * adapter.n_layers * adapter.n_heads + 0.5) for f in fractions]
+    if not all(0.0 <= f <= 1.0 for f in fractions):
+        raise AttAttrError(f"fractions must be in [0, 1], got {list(fractions)}")
     own_gates = adapter.head_gates.detach().float().cpu()
+    on = own_gates.flatten() != 0
+    already_off = int((~on).sum())
+    counts = [already_off + math.floor(f * int(on.sum()) + 0.5) for f in fractions]
     acc, prob = {}, {}
     bar = _progress(len(importance) * len(fractions), "pruning curves", progress)
     for kind, scores in importance.items():
         _checked_gates(adapter, scores)
+        # heads already off rank first, so each count takes them and then the lowest-ranked heads still on
+        order = torch.sort(torch.where(on, scores.detach().float().flatten().cpu(), -math.inf), stable=True).indices
         acc[kind], prob[kind] = [], []
-        for fraction in fractions:
-            gates = gates_for_fraction(scores, fraction) * own_gates
+        for count in counts:
+            gates = torch.ones(on.numel())
+            gates[order[:count]] = 0.0
+            gates = gates.view(own_gates.shape) * own_gates
             a, p = evaluate_gates(adapter, input_ids, labels, attention_mask, token_type_ids, gates, batch_size)
             acc[kind].append(a)
             prob[kind].append(p)

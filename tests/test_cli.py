@@ -302,6 +302,9 @@ def test_a_target_other_than_the_prediction_is_marked(capsys, tiny_model_dir):
     (["finetune", "--train", "IN", "--out", "IN"], "--out IN is also --train"),
     (["graph", "--results", "RES", "--out", "RES/manifest.json"], "lies inside --results RES"),
     (["graph", "--results", "RES", "--out", "RES/../RES/x/g.json"], "lies inside --results"),
+    (["triggers", "extract", "--input", "IN", "--exclude-words", "p.json", "--out", "x.json", "--markdown", "p.json"],
+     "--markdown p.json is also --exclude-words"),
+    (["heads", "--input", "IN", "--out", "~nosuchuser/x.json"], "~nosuchuser does not exist"),  # "~" as written
 ])  # fmt: skip
 def test_an_output_that_would_overwrite_an_input_or_output_is_refused(capsys, tmp_path, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)

@@ -552,6 +552,10 @@ def test_cli_receptive_field(hand_results, tmp_path, capsys):
     # both examples give the hand-worked graph: layer 0 edges (1←3), (2←1); layer 1 edges (0←1), (0←2)
     assert [layer["histogram"] for layer in data["layers"]] == [{"1": 2, "2": 2}, {"1": 2, "2": 2}]
     assert [layer["layer"] for layer in data["layers"]] == [0, 1]
+    assert data["readout"] == "first" and data["tau_last"] == [0.0]  # given, and the value it implied
+    assert cli("--results", hand_results, "--receptive-field", "--out", out) == 0
+    data = json.loads(out.read_text())
+    assert data["readout"] == ["all"] and data["tau_last"] == [0.4]  # read off the scores of every example
     assert cli("--results", hand_results, "--receptive-field", "--out", tmp_path / "rf.png") == 0
     printed = capsys.readouterr().out  # the layers as the JSON and `attribute` number them
     assert printed.startswith("layer  0:    4 edges") and "layer  1:    4 edges" in printed, printed

@@ -218,22 +218,29 @@ def test_pruning_curves_keep_the_adapters_own_gates():
     model, ids, mask, types, labels = _batch("bert", lengths=tuple(range(3, 15)))
     adapter = adapter_for(model)
     adapter.head_gates[:, :2] = 0.0  # half the heads pruned before the analysis
-    scores = torch.rand(3, 4, generator=torch.Generator().manual_seed(2))  # the ranking may take gated heads too
-    curves = heads.pruning_curves(adapter, {"a": scores}, ids, labels, mask, types, fractions=(0.0, 0.25))
+    scores = torch.rand(3, 4, generator=torch.Generator().manual_seed(2))
+    scores[:, 0], scores[:, 1] = -1.0, 5.0  # gated heads, lowest and highest: off either way, and not in the budget
+    curves = heads.pruning_curves(adapter, {"a": scores}, ids, labels, mask, types, fractions=(0.0, 0.5, 1.0))
+    assert curves["heads_gated"] == [6, 9, 12]  # the 6 off, then half and all of the 6 still on
     scale = torch.ones(len(labels), 3, 4)
     scale[:, :, :2] = 0.0
+    on = [(layer, head) for layer in range(3) for head in (2, 3)]
+    by_rank = sorted(on, key=lambda lh: float(scores[lh]))  # the heads still on, lowest score first
+    expected = []
     with torch.no_grad():
-        pruned = _logits(model, ids, mask, types, scale)  # transformers' model with the same heads zeroed
-        for flat in torch.argsort(scores.flatten())[:3].tolist():
-            scale[:, flat // 4, flat % 4] = 0.0
-        more = _logits(model, ids, mask, types, scale)
+        for k in (0, 3, 6):
+            s = scale.clone()
+            for layer, head in by_rank[:k]:
+                s[:, layer, head] = 0.0
+            expected.append(_logits(model, ids, mask, types, s))  # transformers' model with those heads zeroed
         whole = _logits(model, ids, mask, types)
-    for k, logits in enumerate((pruned, more)):
+    for k, logits in enumerate(expected):
         assert curves["accuracy"]["a"][k] == pytest.approx((logits.argmax(-1) == labels).float().mean().item())
         gold = torch.softmax(logits, -1).gather(1, labels[:, None]).mean().item()
         assert curves["gold_probability"]["a"][k] == pytest.approx(gold, rel=1e-5)
     whole_gold = torch.softmax(whole, -1).gather(1, labels[:, None]).mean().item()
     assert curves["gold_probability"]["a"][0] != pytest.approx(whole_gold, rel=1e-3)  # the pruning mattered
+    assert curves["gold_probability"]["a"][1] != pytest.approx(curves["gold_probability"]["a"][0], rel=1e-4)
 
 
 def test_split_is_disjoint_and_stratified():

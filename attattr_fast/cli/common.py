@@ -82,13 +82,14 @@ def check_paths_apart(args, reads: tuple[str, ...], writes: tuple[str, ...]) -> 
     def option(dest: str) -> str:
         return "--" + dest.replace("_", "-")
 
-    read = {Path(value).expanduser().resolve(): dest for dest in reads if (value := getattr(args, dest, None))}
+    # as the writers take them: a "~" the shell left alone is a folder of that name, not the home directory
+    read = {Path(value).resolve(): dest for dest in reads if (value := getattr(args, dest, None))}
     written: dict[Path, str] = {}
     for dest in writes:
         value = getattr(args, dest, None)
         if not value:
             continue
-        path = Path(value).expanduser().resolve()
+        path = Path(value).resolve()
         clash = read.get(path) or written.get(path)
         if clash is not None:
             raise AttAttrError(f"{option(dest)} {value} is also {option(clash)}; writing it would overwrite that")

@@ -260,7 +260,9 @@ def _receptive_field(args, options: dict) -> int:
         results.close()
     field = receptive_field(graphs)
     if fmt == "json":
-        payload = (json.dumps({**field.to_json(), **options, "source": str(args.results)}, indent=1) + "\n").encode()
+        used = {key: sorted({g.graph[key] for g in graphs if key in g.graph}) for key in ("readout", "tau_last")}
+        settings = {**options, **{key: values for key, values in used.items() if options.get(key) is None and values}}
+        payload = (json.dumps({**field.to_json(), **settings, "source": str(args.results)}, indent=1) + "\n").encode()
     else:
         payload = graph_draw.render_figure(graph_draw.receptive_field_figure(field), fmt)
     graph_draw.write_atomic(out, payload)

@@ -43,7 +43,7 @@ def register(sub) -> None:
     ex.add_argument("--show", default="10", help="patterns per class to print (default 10)")
     ex.add_argument("--out", required=True, help="JSON file to write the patterns to")
     ex.add_argument("--markdown", default=None, help="also write the printed table to this file")
-    ex.set_defaults(func=run_extract, reads=("input",), writes=("out", "markdown"))
+    ex.set_defaults(func=run_extract, reads=("input", "exclude_words"), writes=("out", "markdown"))
 
     ev = tsub.add_parser("evaluate", help="insert the top patterns into labelled examples; Table 2-style result",
                          description="Accuracy per gold class with and without each trigger, vs random tokens.")
