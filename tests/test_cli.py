@@ -316,3 +316,26 @@ def test_an_output_that_would_overwrite_an_input_or_output_is_refused(capsys, tm
     code, out, err = run_cli(capsys, *argv)
     assert code == 2 and message in err and err.count("\n") == 1, err
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_every_subcommand_declares_the_paths_it_reads_and_writes():
+    """main checks outputs against inputs through each parser's `reads`/`writes`; a subcommand needs both."""
+    import argparse
+
+    from attattr_fast.cli import build_parser
+
+    def leaves(parser):
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            yield parser
+        for action in subs:
+            for child in action.choices.values():
+                yield from leaves(child)
+
+    found = list(leaves(build_parser()))
+    assert len(found) >= 7
+    for parser in found:
+        defaults = parser._defaults
+        assert {"reads", "writes"} <= set(defaults), parser.prog
+        dests = {a.dest for a in parser._actions}
+        assert set(defaults["reads"]) | set(defaults["writes"]) <= dests, parser.prog
