@@ -369,14 +369,15 @@ def _accuracy_scores(adapter, input_ids, labels, key_mask, types, *, batch_size,
 
 
 # -- pruning curves ----------------------------------------------------------------------------------
-def gates_for_fraction(importance: Tensor, fraction: float) -> Tensor:
-    """Gates [L, H] with the round(fraction · L·H) least important heads off (global ranking; ties
-    go in flat (layer, head) order)."""
+def gates_for_fraction(importance: Tensor, fraction: float, on: Tensor | None = None) -> Tensor:
+    """Gates [L, H] with the round(fraction · N) least important of the N heads `on` (bool [L, H]; None: every
+    head) off, and the heads not on off as well (global ranking; ties go in flat (layer, head) order)."""
     if not 0.0 <= fraction <= 1.0:
         raise AttAttrError(f"fraction must be in [0, 1], got {fraction}")
     flat = importance.detach().float().flatten().cpu()
-    count = math.floor(fraction * flat.numel() + 0.5)
-    order = torch.sort(flat, stable=True).indices
+    on_flat = torch.ones(flat.shape, dtype=torch.bool) if on is None else on.detach().flatten().cpu().bool()
+    count = int((~on_flat).sum()) + math.floor(fraction * int(on_flat.sum()) + 0.5)
+    order = torch.sort(torch.where(on_flat, flat, -math.inf), stable=True).indices  # heads not on come first
     gates = torch.ones_like(flat)
     gates[order[:count]] = 0.0
     return gates.view(importance.shape)
@@ -403,23 +404,16 @@ def pruning_curves(
     """
     adapter = adapter_for(model)
     fractions = tuple(float(f) for f in fractions)
-    if not all(0.0 <= f <= 1.0 for f in fractions):
-        raise AttAttrError(f"fractions must be in [0, 1], got {list(fractions)}")
     own_gates = adapter.head_gates.detach().float().cpu()
-    on = own_gates.flatten() != 0
-    already_off = int((~on).sum())
-    counts = [already_off + math.floor(f * int(on.sum()) + 0.5) for f in fractions]
+    on = own_gates != 0
+    counts = [int((gates_for_fraction(own_gates, f, on) == 0).sum()) for f in fractions]
     acc, prob = {}, {}
     bar = _progress(len(importance) * len(fractions), "pruning curves", progress)
     for kind, scores in importance.items():
         _checked_gates(adapter, scores)
-        # heads already off rank first, so each count takes them and then the lowest-ranked heads still on
-        order = torch.sort(torch.where(on, scores.detach().float().flatten().cpu(), -math.inf), stable=True).indices
         acc[kind], prob[kind] = [], []
-        for count in counts:
-            gates = torch.ones(on.numel())
-            gates[order[:count]] = 0.0
-            gates = gates.view(own_gates.shape) * own_gates
+        for fraction in fractions:
+            gates = gates_for_fraction(scores, fraction, on) * own_gates
             a, p = evaluate_gates(adapter, input_ids, labels, attention_mask, token_type_ids, gates, batch_size)
             acc[kind].append(a)
             prob[kind].append(p)

@@ -183,6 +183,10 @@ def test_gates_for_fraction_removes_the_least_important_first():
         assert off == set(expected_order[:count]), fraction
     with pytest.raises(AttAttrError, match="fraction"):
         heads.gates_for_fraction(scores, 1.5)
+    on = torch.tensor([[True, False, True], [True, True, False]])  # (0, 1) and (1, 2) are off already
+    for count, fraction in [(0, 0.0), (1, 0.3), (2, 0.5), (4, 1.0)]:  # of the 4 heads on, by hand
+        off = {(int(i), int(j)) for i, j in torch.nonzero(heads.gates_for_fraction(scores, fraction, on) == 0)}
+        assert off == {(0, 1), (1, 2)} | set([(1, 0), (0, 0), (0, 2), (1, 1)][:count]), fraction
 
 
 def test_layer_effectiveness_matches_explicit_gates():
