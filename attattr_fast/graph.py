@@ -192,7 +192,7 @@ def attribution_graph(
             if not leaves:
                 break
             graph.remove_nodes_from(leaves)
-    graph.graph["roots"] = [node for node in terminals if node in graph]
+    graph.graph["roots"] = [node for node in roots if node in graph]  # a [SEP] terminal may have gone
     return graph
 
 

@@ -23,7 +23,7 @@ import math
 import os
 import re
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -73,7 +73,7 @@ def atomic_write_bytes(path: Path, data: bytes | Sequence[bytes | np.ndarray]) -
         raise
 
 
-def sha256_chunks(chunks: Sequence[bytes | np.ndarray]) -> str:
+def sha256_chunks(chunks: Iterable[bytes | np.ndarray]) -> str:
     digest = hashlib.sha256()
     for chunk in chunks:
         digest.update(chunk)
@@ -81,11 +81,8 @@ def sha256_chunks(chunks: Sequence[bytes | np.ndarray]) -> str:
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return sha256_chunks(iter(lambda: f.read(1 << 20), b""))
 
 
 @dataclass
