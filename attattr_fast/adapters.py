@@ -95,16 +95,16 @@ class EncoderAdapter:
         self.n_heads = config.num_attention_heads
         self.hidden_size = config.hidden_size
         self.head_dim = config.hidden_size // config.num_attention_heads
+        # A physically pruned model (attattr_fast.pruning) keeps its original head numbering here: its removed heads
+        # are zero weights with gate 0, so every layer has the same H heads and the results number heads as the
+        # unpruned model does. A removed head has V = 0 and gate 0, hence no attribution; its attention is reported
+        # as 0.
         kept = getattr(config, KEPT_HEADS_CONFIG_KEY, None)
-        if kept is not None:  # physically pruned (attattr_fast.pruning): head_dim stays, the head count shrinks
-            counts = sorted({len(heads) for heads in kept})
-            if len(counts) != 1 or counts[0] == 0:
-                raise UnsupportedModelError(
-                    f"this model was physically pruned to {[len(h) for h in kept]} heads per layer; attribution "
-                    "needs the same non-zero number of heads in every layer (gate heads of the unpruned model "
-                    "instead, see attattr_fast.heads)"
-                )
-            self.n_heads = counts[0]
+        self.kept_heads = None if kept is None else [sorted(int(h) for h in heads) for heads in kept]
+        self.present_heads = torch.ones(self.n_layers, self.n_heads, dtype=torch.bool)
+        for layer, heads in enumerate(self.kept_heads or []):
+            self.present_heads[layer] = False
+            self.present_heads[layer, heads] = True
         self.scale = self.head_dim**-0.5
         self.eps = config.layer_norm_eps
         if config.num_labels < 2:  # F, the target class's softmax probability, would be 1 whatever the input
@@ -121,7 +121,7 @@ class EncoderAdapter:
         from transformers.activations import ACT2FN
 
         self.act = ACT2FN[config.hidden_act] if isinstance(config.hidden_act, str) else config.hidden_act
-        self.head_gates = torch.ones(self.n_layers, self.n_heads)
+        self.head_gates = self.present_heads.float()  # removed heads are off; gates can switch heads off, not on
 
     # -- where the weights live -------------------------------------------------------------
     def _base(self) -> torch.nn.Module:
@@ -171,13 +171,11 @@ class EncoderAdapter:
         """Detached weights in `dtype` (default: the model's own; no copy in that case)."""
         dtype = dtype or self.dtype
         layers = []
-        for layer in self._base().encoder.layer:
-            att = layer.attention
-            projections = [att.self.query, att.self.key, att.self.value]
+        for index, layer in enumerate(self._base().encoder.layer):
+            wqkv, bqkv, wo = self._attention_weights(layer.attention, index)
             tensors = [
-                torch.cat([p.weight.detach() for p in projections]), torch.cat([p.bias.detach() for p in projections]),
-                *_linear(att.output.dense),
-                att.output.LayerNorm.weight.detach(), att.output.LayerNorm.bias.detach(),
+                wqkv, bqkv, wo, layer.attention.output.dense.bias.detach(),
+                layer.attention.output.LayerNorm.weight.detach(), layer.attention.output.LayerNorm.bias.detach(),
                 *_linear(layer.intermediate.dense), *_linear(layer.output.dense),
                 layer.output.LayerNorm.weight.detach(), layer.output.LayerNorm.bias.detach(),
             ]  # fmt: skip
@@ -185,7 +183,27 @@ class EncoderAdapter:
         head = {k: _usable(v, dtype) for k, v in self._head_weights().items()}
         # a copy: a later change to head_gates must not reach a snapshot whose layer_gates are already derived
         gates = self.head_gates.to(device=self.device, dtype=dtype, copy=True)
+        if self.kept_heads is not None:
+            gates *= self.present_heads.to(self.device)
         return Weights(layers=layers, gates=gates, head=head, dtype=dtype)
+
+    def _attention_weights(self, attention: torch.nn.Module, layer: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(W_qkv [3·H·d, D], b_qkv [3·H·d], W_o [D, H·d]) of one layer; a pruned layer's kept heads go to their
+        original places among zeros."""
+        projections = [getattr(attention.self, name, None) for name in ("query", "key", "value")]
+        wo = attention.output.dense.weight.detach()
+        if self.kept_heads is None:
+            return (torch.cat([p.weight.detach() for p in projections]),
+                    torch.cat([p.bias.detach() for p in projections]), wo)  # fmt: skip
+        heads, (hidden, d) = self.kept_heads[layer], (self.hidden_size, self.head_dim)
+        full_wqkv = wo.new_zeros(3, self.n_heads, d, hidden)
+        full_bqkv = wo.new_zeros(3, self.n_heads, d)
+        full_wo = wo.new_zeros(hidden, self.n_heads, d)
+        if heads:  # a layer without heads has no Q, K, V projections (pruning.EmptySelfAttention)
+            full_wqkv[:, heads] = torch.stack([p.weight.detach().view(len(heads), d, hidden) for p in projections])
+            full_bqkv[:, heads] = torch.stack([p.bias.detach().view(len(heads), d) for p in projections])
+            full_wo[:, heads] = wo.view(hidden, len(heads), d)
+        return full_wqkv.view(-1, hidden), full_bqkv.view(-1), full_wo.view(hidden, -1)
 
     # -- the model as functions ---------------------------------------------------------------
     def embed(self, input_ids: Tensor, token_type_ids: Tensor | None, attention_mask: Tensor | None,
@@ -410,8 +428,8 @@ def _check_subclass(adapter: EncoderAdapter) -> None:
 
 
 def max_length(model: torch.nn.Module) -> int:
-    """The longest input `model` takes, without building its adapter (which a model pruned to different head
-    counts per layer cannot have: it still trains and predicts)."""
+    """The longest input `model` takes, without building its adapter (for a command that only trains or
+    predicts)."""
     if isinstance(model, EncoderAdapter):
         return model.max_length
     return adapter_class(model).max_length_of(model.config)

@@ -589,7 +589,8 @@ def attribute_group(
             attr_sum.append(lsum.sum(dim=(-1, -2)))
             if full_output:
                 attributions.append(attr)
-                attention.append(_masked_probs(state.probs, prefix.key_mask))
+                present = None if adapter.kept_heads is None else adapter.present_heads[layer]
+                attention.append(_masked_probs(state.probs, prefix.key_mask, present))
         result = GroupResult(
             head_max=torch.stack(head_max, 1),
             head_argmax=torch.stack(head_argmax, 1),
@@ -604,8 +605,11 @@ def attribute_group(
     return result
 
 
-def _masked_probs(probs: Tensor, key_mask: Tensor) -> Tensor:
+def _masked_probs(probs: Tensor, key_mask: Tensor, present: Tensor | None = None) -> Tensor:
+    """A [B, H, n, n] with padded pairs and the heads not `present` [H] (a pruned model's removed heads) zero."""
     keep = reductions.pair_mask(key_mask).unsqueeze(1)
+    if present is not None:
+        keep = keep & present.to(keep.device).view(1, -1, 1, 1)
     return probs.float().masked_fill(~keep, 0.0)
 
 

@@ -321,7 +321,7 @@ def _attention_scores(adapter, input_ids, labels, key_mask, types, *, batch_size
         _, _, probs = _run_layers(adapter, w, x, mask, keep_probs=True)
         for layer, p in enumerate(probs):
             total[layer] += masked_head_max(p.float(), mask)[0].double().sum(0).cpu()
-    return total / len(labels)
+    return total / len(labels) * adapter.present_heads  # a pruned model's removed heads attend nowhere
 
 
 def _gated_accuracies(adapter: EncoderAdapter, input_ids, labels, key_mask, types,

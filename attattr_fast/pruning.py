@@ -12,7 +12,9 @@ A layer left with no heads keeps only b_o (X' = LN(X + b_o)), which is what gati
 Saved models record the original indices of the kept heads per layer in their config
 (`adapters.KEPT_HEADS_CONFIG_KEY`, a list of lists); `models.load_classifier` rebuilds the smaller
 Linear shapes from it before loading the weights. `config.num_attention_heads` keeps its original
-value so that the head size (hidden_size / num_attention_heads) is unchanged.
+value so that the head size (hidden_size / num_attention_heads) is unchanged. Heads keep their original numbers
+everywhere: here, and in the adapter of a pruned model, which puts the kept heads back in their places among
+zero, gated heads so that it attributes, ranks and gates like the unpruned model with the same heads gated.
 """
 
 from __future__ import annotations
@@ -110,41 +112,41 @@ def _shrink_layer(layer: nn.Module, keep: list[int], head_size: int) -> None:
 
 
 def prune_heads(model: nn.Module, keep: Tensor | list[list[int]], inplace: bool = False) -> nn.Module:
-    """Remove heads physically.
+    """Remove heads physically. Heads are numbered as in the unpruned model, before pruning or after.
 
     Args:
         model: a BERT / RoBERTa / ELECTRA *ForSequenceClassification (or the built-in model), pruned
             before or not.
-        keep: gates [L, H] over the model's current heads (1 kept, 0 removed), or for every layer the
-            positions (among the layer's current heads) of the heads to keep.
+        keep: gates [L, H] (1 kept, 0 removed; a head removed before stays removed, as gating cannot switch it
+            back on), or for every layer the heads to keep, each one the layer still has.
         inplace: modify `model` itself rather than a deep copy.
 
     Returns:
-        The pruned model in eval mode; its config records the original indices of the kept heads.
+        The pruned model in eval mode; its config records the kept heads of each layer.
     """
     layers = _encoder_layers(model)
     have = current_heads(model)
+    n_heads = model.config.num_attention_heads
     if isinstance(keep, Tensor):
-        widths = {len(h) for h in have}
-        if len(widths) != 1 or tuple(keep.shape) != (len(layers), widths.pop()):
-            raise AttAttrError(
-                f"gates have shape {tuple(keep.shape)}; this model has {[len(h) for h in have]} heads per layer"
-            )
-        keep = kept_heads_from_gates(keep)
+        if tuple(keep.shape) != (len(layers), n_heads):
+            raise AttAttrError(f"gates have shape {tuple(keep.shape)}; this model has {len(layers)} layers of "
+                               f"{n_heads} heads")  # fmt: skip
+        keep = [sorted(set(on) & set(heads)) for on, heads in zip(kept_heads_from_gates(keep), have)]
     if len(keep) != len(layers):
         raise AttAttrError(f"keep lists {len(keep)} layers; the model has {len(layers)}")
-    for layer_index, (positions, heads) in enumerate(zip(keep, have)):
-        if len(set(positions)) != len(positions) or any(not 0 <= p < len(heads) for p in positions):
-            raise AttAttrError(
-                f"layer {layer_index}: head positions {positions} must be distinct, in 0..{len(heads) - 1}"
-            )
+    for layer_index, (wanted, heads) in enumerate(zip(keep, have)):
+        if len(set(wanted)) != len(wanted) or any(not 0 <= h < n_heads for h in wanted):
+            raise AttAttrError(f"layer {layer_index}: heads {wanted} must be distinct, in 0..{n_heads - 1}")
+        gone = sorted(set(wanted) - set(heads))
+        if gone:
+            raise AttAttrError(f"layer {layer_index}: heads {gone} were removed before; it has {heads}")
     if not inplace:
         model = copy.deepcopy(model)
         layers = _encoder_layers(model)
     head_size = _head_size(model)
-    for layer, positions in zip(layers, keep):
-        _shrink_layer(layer, sorted(positions), head_size)
-    kept = [[heads[p] for p in sorted(positions)] for positions, heads in zip(keep, have)]
+    kept = [sorted(int(h) for h in wanted) for wanted in keep]
+    for layer, wanted, heads in zip(layers, kept, have):
+        _shrink_layer(layer, [heads.index(h) for h in wanted], head_size)
     setattr(model.config, KEPT_HEADS_CONFIG_KEY, kept)
     removed = sum(len(h) for h in have) - sum(len(k) for k in kept)
     log.info("pruned %d heads; heads per layer now %s", removed, [len(k) for k in kept])
@@ -182,7 +184,7 @@ def load_pruned(path: str | Path, config) -> nn.Module:
             raise AttAttrError(
                 f"{path}: layer {layer_index} keeps heads {heads}, expected distinct indices in 0..{n_heads - 1}"
             )
-    prune_heads(model, [sorted(int(h) for h in heads) for heads in kept], inplace=True)
+    prune_heads(model, [[int(h) for h in heads] for heads in kept], inplace=True)
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:

@@ -134,6 +134,9 @@ def attribute(
         model = copy.deepcopy(model).to(compute_dtype)
     batch, length = input_ids.shape
     n_heads = meta.n_heads
+    # the original numbers of each layer's heads (a pruned model's removed heads stay zero, as in the engine)
+    heads_of = [list(range(n_heads)) if meta.kept_heads is None else meta.kept_heads[layer]
+                for layer in range(meta.n_layers)]  # fmt: skip
     lengths = key_mask.sum(1)
     f32 = dict(dtype=torch.float32)
     attributions = torch.zeros(batch, len(layers), n_heads, length, length, **f32)
@@ -152,13 +155,16 @@ def attribute(
                 logits = model(input_ids=ids, token_type_ids=types).logits
             real = _current.record
             _current.record = None
-            if len(real) != meta.n_layers:
+            if len(real) != sum(1 for heads in heads_of if heads):  # a layer without heads computes no attention
                 raise AttAttrError(f"{type(model).__name__} does not compute attention through transformers' "
                                    "AttentionInterface (transformers >= 5.0 needed)")
             t = int(logits.argmax(-1)) if target is None else int(target[b])
             targets[b] = t
             prob[b] = float(torch.softmax(logits.double(), dim=-1)[0, t])
             for li, layer in enumerate(layers):
+                if not heads_of[layer]:  # pruned of every head: F does not depend on this layer's (empty) attention
+                    baseline[b, li] = prob[b]
+                    continue
                 probs = real[layer]
                 grad_sum = torch.zeros_like(probs, dtype=torch.float64)
                 for alpha, weight in zip(alphas, weights):
@@ -172,8 +178,8 @@ def attribute(
                     baseline[b, li] = float(_probability(model, ids, types, t))
                 _current.layer = None
                 attr = (probs.double() * grad_sum)[0]
-                attributions[b, li, :, :n, :n] = attr.float()
-                attention[b, li, :, :n, :n] = probs[0].float()
+                attributions[b, li, heads_of[layer], :n, :n] = attr.float()
+                attention[b, li, heads_of[layer], :n, :n] = probs[0].float()
 
     # Σ in float64 over the same float32 values the caller sees
     attr_sum = attributions.double().sum(dim=(-1, -2, -3))

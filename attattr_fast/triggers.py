@@ -913,7 +913,7 @@ def evaluate(
     _check_int(batch_size, "batch_size", 1)
     if not examples:
         raise AttAttrError("no examples to evaluate on")
-    # the model only predicts here: no adapter (a model pruned to different head counts per layer has none)
+    # the model only predicts here: no adapter needed
     model = model.model if isinstance(model, EncoderAdapter) else model
     max_length = model_max_length(tokenizer, longest_input(model))  # and a supported family
     config = model.config

@@ -16,7 +16,7 @@ from attattr_fast import AttAttrError, AttentionAttribution, engine, reference
 from attattr_fast.quadrature import METHODS
 
 from conftest import FAMILIES, padded_batch, tiny_classifier
-from tolerances import COMPLETENESS_ABS, COMPLETENESS_REL, LOW_PRECISION_FACTOR, RTOL_F32
+from tolerances import COMPLETENESS_ABS, COMPLETENESS_REL, LOW_PRECISION_FACTOR, PROB_ATOL_F32, RTOL_F32
 
 LENGTHS = [9, 6, 1]  # a padded batch of different lengths, down to a single token
 
@@ -44,15 +44,15 @@ def test_engine_equals_reference(family_model, method, n_steps):
     assert got.attributions.shape == (3, 2, 4, 9, 9) and got.attributions.dtype == torch.float32
     assert_close_per_layer(got.attributions, ref.attributions)
     assert_close_per_layer(got.layer_attr, ref.layer_attr)
-    torch.testing.assert_close(got.attention, ref.attention, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got.attention, ref.attention, atol=PROB_ATOL_F32, rtol=0)
     assert torch.equal(got.target, ref.target)
-    torch.testing.assert_close(got.prob, ref.prob, atol=1e-6, rtol=0)
-    torch.testing.assert_close(got.baseline, ref.baseline, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got.prob, ref.prob, atol=PROB_ATOL_F32, rtol=0)
+    torch.testing.assert_close(got.baseline, ref.baseline, atol=PROB_ATOL_F32, rtol=0)
     scale = ref.attributions.abs().max().item()
     assert (got.head_max - ref.head_max).abs().max().item() <= RTOL_F32 * scale
     # delta is Σ attributions − (F(A) − F(0)), with F(0) from the reference's own forward
     expected_delta = got.attributions.double().sum(dim=(2, 3, 4)) - (ref.prob.double()[:, None] - ref.baseline)
-    torch.testing.assert_close(got.delta.double(), expected_delta, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got.delta.double(), expected_delta, atol=PROB_ATOL_F32, rtol=0)
 
 
 def test_head_argmax_and_top_k_point_at_the_reference_scores(family_model):
@@ -176,7 +176,7 @@ def test_compiled_layers_equal_the_reference_and_serve_every_layer():
                            internal_batch_size=rows)
         ref = reference.attribute(model, ids, mask, types, n_steps=3, method="gausslegendre", dtype=torch.float64)
         assert_close_per_layer(got.attributions, ref.attributions)
-        torch.testing.assert_close(got.baseline, ref.baseline.float(), atol=1e-6, rtol=0)
+        torch.testing.assert_close(got.baseline, ref.baseline.float(), atol=PROB_ATOL_F32, rtol=0)
     # per-layer head gates (each a view into the gate matrix) on another family, against the eager engine
     model = tiny_classifier("roberta", layers=3)
     gates = torch.rand(3, 4, generator=torch.Generator().manual_seed(0)) + 0.5
@@ -221,8 +221,8 @@ def test_packed_rows_equal_the_reference(family, one_group_packed, monkeypatch):
     assert one_group_packed and all(shape[0] % 29 == 0 for shape in one_group_packed), one_group_packed
     ref = reference.attribute(model, ids, mask, types, n_steps=3, method="gausslegendre", dtype=torch.float64)
     assert_close_per_layer(got.attributions, ref.attributions)
-    torch.testing.assert_close(got.baseline, ref.baseline.float(), atol=1e-6, rtol=0)
-    torch.testing.assert_close(got.prob, ref.prob.float(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(got.baseline, ref.baseline.float(), atol=PROB_ATOL_F32, rtol=0)
+    torch.testing.assert_close(got.prob, ref.prob.float(), atol=PROB_ATOL_F32, rtol=0)
 
     gates = torch.rand(4, 4, generator=torch.Generator().manual_seed(1)) + 0.5
     runs = []
@@ -245,7 +245,7 @@ def test_packed_rows_under_a_head_that_reads_every_position(builtin, one_group_p
     assert one_group_packed
     ref = reference.attribute(model, *args, n_steps=2, method="gausslegendre", dtype=torch.float64)
     assert_close_per_layer(got.attributions, ref.attributions)
-    torch.testing.assert_close(got.baseline, ref.baseline.float(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(got.baseline, ref.baseline.float(), atol=PROB_ATOL_F32, rtol=0)
 
 
 def test_token_layout_packs_and_pads_the_real_tokens():
@@ -368,7 +368,7 @@ def test_default_grouping_sizes_groups_by_their_length(monkeypatch):
     assert [(b, n) for b, n, _ in calls] == [(3, 4), (1, 12), (1, 12)], calls
     assert calls[0][2] > calls[1][2]  # the short group's chunk holds more rows
     assert_close_per_layer(grouped.attributions, ref.attributions)
-    torch.testing.assert_close(grouped.baseline, ref.baseline.float(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(grouped.baseline, ref.baseline.float(), atol=PROB_ATOL_F32, rtol=0)
 
 
 def test_position_zero_head_leaves_only_row_zero_of_the_last_layer():

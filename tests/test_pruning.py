@@ -1,5 +1,5 @@
-"""Physical head pruning: the smaller model computes what the gated model computes, saves, loads,
-attributes like the gated model (equal head counts) and refuses attribution with a clear error otherwise."""
+"""Physical head pruning: the smaller model computes what the gated model computes, saves, loads, and
+attributes, ranks and prunes again like the gated model, with the heads numbered as in the unpruned model."""
 
 import json
 
@@ -10,7 +10,7 @@ from test_heads import _labelled_tsv, sharpen
 from attattr_fast import AttentionAttribution, heads, reference
 from attattr_fast.adapters import KEPT_HEADS_CONFIG_KEY, adapter_for
 from attattr_fast.cli import main
-from attattr_fast.errors import AttAttrError, UnsupportedModelError
+from attattr_fast.errors import AttAttrError
 from attattr_fast.models import load_classifier, save_classifier
 from attattr_fast.pruning import current_heads, parameter_count, prune_heads
 
@@ -53,7 +53,7 @@ def test_pruning_twice_composes(tiny_model_dir):
     model = sharpen(load_classifier(tiny_model_dir).model)
     ids, mask, types = padded_batch(model, [6, 4])
     once = prune_heads(model, [[0, 1, 3], [1, 2, 3], [0, 1, 2, 3]])
-    twice = prune_heads(once, [[0, 2], [0], [3]])  # positions among the heads each layer has now
+    twice = prune_heads(once, [[0, 3], [1], [3]])  # heads keep their original numbers
     assert current_heads(twice) == [[0, 3], [1], [3]]
     combined = torch.zeros(3, 4)
     combined[0, [0, 3]] = combined[1, 1] = combined[2, 3] = 1
@@ -73,9 +73,6 @@ def test_saved_pruned_model_loads_with_load_classifier(tmp_path, tiny_model_dir,
     assert parameter_count(loaded) == parameter_count(pruned)
     difference = (_own_logits(loaded, ids, mask, types) - _gated_logits(model, gates, ids, mask, types)).abs().max()
     assert difference <= ADAPTER_ATOL
-    if gates is UNEQUAL:
-        with pytest.raises(UnsupportedModelError, match=r"pruned to \[2, 0, 4\] heads per layer"):
-            AttentionAttribution(loaded)
     with pytest.raises(AttAttrError, match="exists and is not an empty directory"):
         save_classifier(pruned, tokenizer, path)
 
@@ -115,22 +112,84 @@ def test_an_unevenly_pruned_model_still_fine_tunes_and_takes_trigger_evaluation(
     assert (tmp_path / "attack.json").exists()
 
 
-def test_equally_pruned_model_attributes_like_the_gated_model():
+def test_an_unevenly_pruned_model_goes_through_every_attributing_command(capsys, tmp_path, tiny_model_dir):
+    """attribute, heads and prune take a model pruned to different head counts per layer, numbering heads as the
+    unpruned model does; pruning it again removes only heads it still has."""
+    from attattr_fast.results import load_results
+
+    model, tokenizer = load_classifier(tiny_model_dir)
+    path = save_classifier(prune_heads(model, UNEQUAL), tokenizer, tmp_path / "pruned")
+    data = _labelled_tsv(tmp_path / "data.tsv", n=12)
+    results = tmp_path / "results"
+    assert main(["attribute", "--model", str(path), "--input", str(data), "--steps", "2", "--out", str(results),
+                 "--quiet", "--no-progress"]) == 0, capsys.readouterr().err  # fmt: skip
+    stored = load_results(results)
+    assert len(stored) == 12 and stored[0].attributions.shape[1] == 4
+    assert stored[0].attributions[1].abs().max() == 0 and stored[0].attention[UNEQUAL == 0].abs().max() == 0
+    assert main(["heads", "--model", str(path), "--input", str(data), "--kinds", "taylor,attention", "--out",
+                 str(tmp_path / "heads.json")]) == 0, capsys.readouterr().err  # fmt: skip
+    scores = json.loads((tmp_path / "heads.json").read_text())
+    for kind in ("taylor", "attention"):
+        assert torch.tensor(scores["scores"][kind])[UNEQUAL == 0].abs().max() == 0
+    assert main(["prune", "--model", str(path), "--input", str(data), "--importance-examples", "6", "--kinds",
+                 "taylor", "--fractions", "0,1", "--fraction", "0.5", "--by", "taylor", "--json",
+                 str(tmp_path / "prune.json"), "--save", str(tmp_path / "again"), "--timing-repeats", "1"]) == 0, \
+        capsys.readouterr().err  # fmt: skip
+    report = json.loads((tmp_path / "prune.json").read_text())["pruned"]
+    assert report["heads_removed"] == 3  # half of the 6 heads it still has
+    kept = current_heads(load_classifier(tmp_path / "again")[0])
+    assert sum(map(len, kept)) == 3 and all(set(k) <= set(h) for k, h in zip(kept, [[0, 2], [], [0, 1, 2, 3]]))
+    assert report["max_abs_logit_difference_vs_gated"] <= ADAPTER_ATOL
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("gates", [UNEQUAL, EQUAL], ids=["unequal", "equal"])
+def test_pruned_model_attributes_like_the_gated_model(gates, backend):
     model = sharpen(tiny_classifier("bert"))
     ids, mask, types = padded_batch(model, [6, 4], pair_at=2)
-    pruned = prune_heads(model, EQUAL)
+    pruned = prune_heads(model, gates)
     target = torch.tensor([0, 2])
-    small = AttentionAttribution(pruned).attribute(ids, mask, types, target=target, n_steps=3, backend="torch")
-    ref = reference.attribute(pruned, ids, mask, types, target=target, n_steps=3)
-    assert small.attributions.shape[2] == 2
-    assert (small.attributions - ref.attributions).abs().max() <= RTOL_F32 * ref.attributions.abs().max()
+    small = AttentionAttribution(pruned).attribute(ids, mask, types, target=target, n_steps=3, backend=backend)
+    ref = reference.attribute(pruned, ids, mask, types, target=target, n_steps=3)  # transformers' pruned modules
+    assert small.attributions.shape == ref.attributions.shape == (2, 3, 4, 6, 6)  # the original head numbers
+    for name in ("attributions", "attention", "layer_attr", "head_max"):
+        mine, theirs = getattr(small, name), getattr(ref, name)
+        assert (mine - theirs).abs().max() <= RTOL_F32 * theirs.abs().max(), name
+    torch.testing.assert_close(small.baseline, ref.baseline, rtol=RTOL_F32, atol=RTOL_F32)
+    removed = (gates == 0).view(1, 3, 4)
+    assert small.attention[removed.expand(2, 3, 4)].abs().max() == 0  # a removed head attends nowhere
+    assert small.attributions[removed.expand(2, 3, 4)].abs().max() == 0
     gated = AttentionAttribution(model)
-    gated.adapter.head_gates = EQUAL
-    full = gated.attribute(ids, mask, types, target=target, n_steps=3, backend="torch")
-    kept = torch.stack([full.attributions[:, layer, EQUAL[layer] == 1] for layer in range(3)], dim=1)
-    assert (kept - small.attributions).abs().max() <= RTOL_F32 * kept.abs().max()
-    removed = torch.stack([full.attributions[:, layer, EQUAL[layer] == 0] for layer in range(3)], dim=1)
-    assert removed.abs().max() == 0  # a gated head has no gradient, hence no attribution
+    gated.adapter.head_gates = gates
+    full = gated.attribute(ids, mask, types, target=target, n_steps=3, backend=backend)
+    assert (full.attributions - small.attributions).abs().max() <= RTOL_F32 * full.attributions.abs().max()
+    assert (full.attention * ~removed.view(1, 3, 4, 1, 1) - small.attention).abs().max() <= RTOL_F32
+
+
+def test_a_pruned_models_removed_heads_stay_off_and_rank_last():
+    """The adapter of a pruned model gates its removed heads; gates cannot switch them back on, and every
+    importance kind scores them 0."""
+    model = sharpen(tiny_classifier("bert"))
+    ids, mask, types = padded_batch(model, [7, 5, 6], pair_at=2)
+    labels = torch.tensor([0, 2, 1])
+    pruned = prune_heads(model, UNEQUAL)
+    adapter = adapter_for(pruned)
+    assert torch.equal(adapter.head_gates, UNEQUAL) and torch.equal(adapter.present_heads, UNEQUAL.bool())
+    adapter.head_gates = torch.ones(3, 4)
+    torch.testing.assert_close(adapter.forward(ids, mask, types), _own_logits(pruned, ids, mask, types),
+                               rtol=0, atol=ADAPTER_ATOL)  # fmt: skip
+    for kind in heads.KINDS:
+        scores = heads.head_importance(pruned, ids, labels, mask, types, kind=kind, n_steps=2)
+        assert scores[UNEQUAL == 0].abs().max() == 0, kind
+        if kind != "attattr":  # AttAttr's signed max is 0 for a gated head, as for the removed ones
+            gated = adapter_for(model)
+            gated.head_gates = UNEQUAL
+            expected = heads.head_importance(gated, ids, labels, mask, types, kind=kind)
+            expected[UNEQUAL == 0] = 0  # a gated head still attends: "attention" scores it, a removed one not
+            torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-6)
+    # pruning the pruned model again: gates in the original numbering, removed heads stay removed
+    again = prune_heads(pruned, torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [0, 1, 1, 1.0]]))
+    assert current_heads(again) == [[0], [], [1, 2, 3]]
 
 
 @pytest.mark.parametrize("keep, message", [
@@ -139,10 +198,14 @@ def test_equally_pruned_model_attributes_like_the_gated_model():
     ([[0, 1], [0]], "keep lists 2 layers"),
     ([[0, 0], [1], [2]], "must be distinct"),
     ([[4], [1], [2]], "must be distinct, in 0..3"),
+    ([[0, 1], [], [2]], r"layer 0: heads \[1\] were removed before; it has \[0, 2\]"),
 ])  # fmt: skip
 def test_bad_pruning_requests(keep, message):
+    model = tiny_classifier("bert")
+    if "removed before" in message:
+        model = prune_heads(model, UNEQUAL)
     with pytest.raises(AttAttrError, match=message):
-        prune_heads(tiny_classifier("bert"), keep)
+        prune_heads(model, keep)
 
 
 def test_a_corrupt_kept_heads_list_is_a_clear_error(tmp_path, tiny_model_dir):

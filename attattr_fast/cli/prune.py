@@ -157,9 +157,10 @@ def run(args: argparse.Namespace) -> int:
 
     pruned = None
     if fraction is not None:
-        gates = heads.gates_for_fraction(scores[args.by], fraction)
-        pruned = pruning.prune_heads(model, gates)
         adapter = adapter_for(model)
+        present = adapter.present_heads  # a model pruned before: its removed heads stay off, outside the fraction
+        gates = heads.gates_for_fraction(scores[args.by], fraction, on=present)
+        pruned = pruning.prune_heads(model, gates)
         adapter.head_gates = gates
         with torch.no_grad():
             gated_logits = adapter.forward(eval_data.input_ids.to(device), eval_data.attention_mask.to(device),
@@ -169,13 +170,12 @@ def run(args: argparse.Namespace) -> int:
             if eval_data.token_type_ids is not None:
                 batch["token_type_ids"] = eval_data.token_type_ids.to(device)
             pruned_logits = pruned(**batch).logits.float()
-        adapter.head_gates = torch.ones_like(gates)
         difference = float((pruned_logits - gated_logits).abs().max())
         labels = eval_data.labels.to(device)
         timing = pruning.measure_speedup(model, pruned, _timing_batches(eval_data, device), repeats=repeats)
         kept = pruning.current_heads(pruned)
         report["pruned"] = {
-            "fraction": fraction, "by": args.by, "heads_removed": int((gates == 0).sum()),
+            "fraction": fraction, "by": args.by, "heads_removed": int((present & (gates == 0)).sum()),
             "heads_per_layer": [len(k) for k in kept], "kept_heads": kept,
             "max_abs_logit_difference_vs_gated": difference,
             "accuracy_gated": float((gated_logits.argmax(-1) == labels).float().mean()),
