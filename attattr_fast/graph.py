@@ -293,28 +293,31 @@ def graphs_from_result(result, tokens: Sequence[Sequence[str]], **options) -> li
     """One graph per example of an `AttributionResult` computed for every layer.
 
     Args:
-        result: AttributionResult with layer_attr [B, L, n, n] and layers = [0, …, L−1].
+        result: AttributionResult with layer_attr [B, L, n, n] of every layer (`layers` in any order).
         tokens: the real tokens of each example (B lists).
         options: passed to `build_graph` (method, tau, tau_last, sep_token, readout).
     """
-    check_all_layers(result.layers, result.model_layers)
+    order = layer_order(result.layers, result.model_layers)
     if len(tokens) != result.layer_attr.shape[0]:
         raise AttAttrError(f"{len(tokens)} token lists for {result.layer_attr.shape[0]} examples")
     graphs = []
     for b, toks in enumerate(tokens):
         n = int(result.lengths[b]) if result.lengths is not None else result.layer_attr.shape[-1]
-        graphs.append(build_graph(result.layer_attr[b, :, :n, :n], list(toks)[:n], **options))
+        graphs.append(build_graph(result.layer_attr[b, order, :n, :n], list(toks)[:n], **options))
     return graphs
 
 
-def check_all_layers(layers: Sequence[int], model_layers: int | None) -> None:
-    """The graph walks down from the model's last layer, so it needs the scores of every layer in order."""
+def layer_order(layers: Sequence[int], model_layers: int | None) -> list[int]:
+    """Positions of layers 0, 1, …, L−1 in `layers` (scores stored in any order): the graph walks down from the
+    model's last layer, so it needs the scores of every layer."""
     if model_layers is None:
         raise AttAttrError("these scores do not say how many layers the model has, which the attribution graph "
                            "needs; attribute again with this version of attattr-fast")
-    if list(layers) != list(range(model_layers)):
+    layers = list(layers)
+    if sorted(layers) != list(range(model_layers)):
         raise AttAttrError(f"the attribution graph needs the scores of all {model_layers} layers of the model "
-                           f"(0..{model_layers - 1}), got layers {list(layers)}; attribute without --layers")
+                           f"(0..{model_layers - 1}), got layers {layers}; attribute without --layers")
+    return [layers.index(layer) for layer in range(model_layers)]
 
 
 def attention_edges(graph: nx.DiGraph) -> list[tuple[int, int, int, float]]:

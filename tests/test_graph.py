@@ -538,6 +538,25 @@ def test_cli_json_from_results_matches_the_hand_worked_graph(hand_results, tmp_p
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
 
 
+def test_cli_reads_results_whose_layers_are_stored_in_any_order(tmp_path, capsys):
+    # `attribute --layers 1,0` stores layer 1's scores first; the graph walks the layers by number all the same
+    a = np.zeros((2, 4, 4))
+    a[1, 0, 1], a[1, 0, 2], a[0, 1, 3], a[0, 2, 1] = 0.9, 0.3, 1.0, 0.6
+    heads = torch.rand(2, 3, 4, 4)
+    tokens = ["[CLS]", "a", "b", "c"]
+    ordered = _results_dir(tmp_path / "ordered", a, tokens, attention=heads, attributions=heads - 0.5)
+    flipped = _results_dir(tmp_path / "flipped", a[::-1].copy(), tokens, layers=[1, 0],
+                           attention=heads.flip(0), attributions=heads.flip(0) - 0.5)  # fmt: skip
+    for option, name in (([], "g.json"), (["--receptive-field"], "rf.json"), (["--format", "html"], "g.html")):
+        written = []
+        for results in (ordered, flipped):
+            out = tmp_path / f"{results.name}-{name}"
+            assert cli("--results", results, "--readout", "first", *option, "--out", out) == 0, capsys.readouterr()
+            written.append(out.read_text().replace(str(results), "SOURCE"))
+        assert written[0] == written[1], option
+    assert "4 attention edges" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("fmt, magic", [("png", b"\x89PNG"), ("svg", b"<?xml"), ("html", b"<!DOCTYPE html>")])
 def test_cli_images_and_html(hand_results, tmp_path, fmt, magic):
     out = tmp_path / f"g.{fmt}"
@@ -639,6 +658,8 @@ def test_graphs_from_result_needs_every_layer_of_the_model():
     graphs = graphs_from_result(whole, tokens)
     assert [set(g.edges) for g in graphs] == [
         set(attribution_graph(whole.layer_attr[b, :, :n, :n], tokens[b]).edges) for b, n in enumerate((5, 4))]
+    flipped = aa.attribute(ids, mask, types, n_steps=2, output="reduced", layers=[2, 0, 1])
+    assert [set(g.edges) for g in graphs_from_result(flipped, tokens)] == [set(g.edges) for g in graphs]
     lower = aa.attribute(ids, mask, types, n_steps=2, output="reduced", layers=[0, 1])
     with pytest.raises(AttAttrError, match="all 3 layers of the model"):
         graphs_from_result(lower, tokens)

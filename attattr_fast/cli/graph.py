@@ -147,7 +147,7 @@ def _model_facts(results, directory: str) -> tuple[int, str]:
 
 
 def _from_results(args, index: int) -> dict:
-    from attattr_fast.graph import check_all_layers
+    from attattr_fast.graph import layer_order
 
     results = _load_records(args.results)
     try:
@@ -162,11 +162,16 @@ def _from_results(args, index: int) -> dict:
         results.close()
     if record.layer_attr is None:
         raise AttAttrError(f"example {index} of {args.results} has no layer matrices")
-    check_all_layers(record.layers, model_layers)
+    order = layer_order(record.layers, model_layers)
+
+    def by_layer(scores):  # [L, …] in layer order
+        return None if scores is None else scores[order]
+
     return {"index": index, "sep_token": sep_token,
             "tokens": record.tokens, "text": record.text, "text_pair": record.text_pair,
             "target": record.target, "target_label": record.target_label, "prob": record.prob,
-            "layer_attr": record.layer_attr, "attention": record.attention, "attributions": record.attributions,
+            "layer_attr": by_layer(record.layer_attr), "attention": by_layer(record.attention),
+            "attributions": by_layer(record.attributions),
             "source": str(args.results)}  # fmt: skip
 
 
@@ -244,7 +249,7 @@ def _write_graph(example: dict, options: dict, out: Path, fmt: str) -> int:
 
 def _receptive_field(args, options: dict) -> int:
     from attattr_fast import graph_draw
-    from attattr_fast.graph import build_graph, check_all_layers, receptive_field
+    from attattr_fast.graph import build_graph, layer_order, receptive_field
 
     out, fmt = _output(args, "receptive_field", FIELD_FORMATS)
     graphs = []
@@ -254,8 +259,8 @@ def _receptive_field(args, options: dict) -> int:
         for record in results:
             if record.layer_attr is None:
                 raise AttAttrError(f"example {record.index} of {args.results} has no layer matrices")
-            check_all_layers(record.layers, model_layers)
-            graphs.append(build_graph(record.layer_attr, record.tokens, **options, sep_token=sep_token))
+            order = layer_order(record.layers, model_layers)
+            graphs.append(build_graph(record.layer_attr[order], record.tokens, **options, sep_token=sep_token))
     finally:
         results.close()
     field = receptive_field(graphs)
