@@ -305,6 +305,10 @@ def test_a_target_other_than_the_prediction_is_marked(capsys, tiny_model_dir):
     (["triggers", "extract", "--input", "IN", "--exclude-words", "p.json", "--out", "x.json", "--markdown", "p.json"],
      "--markdown p.json is also --exclude-words"),
     (["heads", "--input", "IN", "--out", "~nosuchuser/x.json"], "~nosuchuser does not exist"),  # "~" as written
+    # an empty path would be the working directory: written into, or read as results
+    (["attribute", "--text", "good", "--out", ""], "--out is empty"),
+    (["graph", "--results", " ", "--out", "g.json"], "--results is empty"),
+    (["triggers", "evaluate", "--patterns", "", "--input", "IN", "--out", "x.json"], "--patterns is empty"),
 ])  # fmt: skip
 def test_an_output_that_would_overwrite_an_input_or_output_is_refused(capsys, tmp_path, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)

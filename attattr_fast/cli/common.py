@@ -77,10 +77,16 @@ def check_output_path(value: str | None, option: str, directory: bool = False, i
 
 
 def check_paths_apart(args, reads: tuple[str, ...], writes: tuple[str, ...]) -> None:
-    """Refuse an output (the options `writes`, by argparse dest) that is an input (`reads`), another output, or
-    inside a directory read: writing it would destroy what the command reads or has just written."""
+    """Refuse an empty path (it would mean the working directory), and an output (the options `writes`, by argparse
+    dest) that is an input (`reads`), another output, or inside a directory read: writing it would destroy what
+    the command reads or has just written."""
     def option(dest: str) -> str:
         return "--" + dest.replace("_", "-")
+
+    for dest in reads + writes:
+        value = getattr(args, dest, None)
+        if isinstance(value, str) and not value.strip():
+            raise AttAttrError(f"{option(dest)} is empty; name a path")
 
     # as the writers take them: a "~" the shell left alone is a folder of that name, not the home directory
     read = {Path(value).resolve(): dest for dest in reads if (value := getattr(args, dest, None))}
