@@ -53,6 +53,8 @@ RESUME_KEYS = ("version", "model", "input", "method", "n_steps", "dtype", "layer
                "top_k", "store_dtype", "truncate", "shard_size", "shard_bytes")  # fmt: skip
 _SHARD_FILE = re.compile(r"^(shard-\d{5,})\.(safetensors|jsonl|commit\.json)$")
 _TMP_FILE = re.compile(r"^\..+\.tmp-\d+$")
+_SHARD_NAME = re.compile(r"^shard-\d{5,}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def atomic_write_bytes(path: Path, data: bytes | Sequence[bytes | np.ndarray]) -> None:
@@ -269,11 +271,11 @@ def _describe(key: str, settings: dict[str, Any]) -> str:
     if key == "targets_sha256":  # the resolved targets, after the option that chose them
         return f"{json.dumps(settings.get('target'))} (resolved targets sha256 {str(value)[:12]})"
     if key == "model" and isinstance(value, dict):
-        config = f", config sha256 {value['config_sha256'][:12]}" if value.get("config_sha256") else ""
+        config = f", config sha256 {str(value['config_sha256'])[:12]}" if value.get("config_sha256") else ""
         return f"{value.get('name')} (weights sha256 {str(value.get('sha256'))[:12]}{config})"
     if key == "input" and isinstance(value, dict):
         what = value.get("path") or f"{value.get('texts')} --text arguments"
-        tokens = f", tokenized sha256 {value['encoded_sha256'][:12]}" if value.get("encoded_sha256") else ""
+        tokens = f", tokenized sha256 {str(value['encoded_sha256'])[:12]}" if value.get("encoded_sha256") else ""
         return f"{what} (sha256 {str(value.get('sha256'))[:12]}{tokens}, {value.get('n_examples')} examples)"
     return json.dumps(value)
 
@@ -329,14 +331,16 @@ def open_run_directory(directory: str | Path, meta: dict[str, Any], plan: list[l
         directory: the results directory.
         meta: the run's settings (RESUME_KEYS among them) and descriptive fields for the manifest.
         plan: example indices of every shard; shard p is named `shard_name(p)`.
-        repair: delete damaged shards (so that the run recomputes them) instead of refusing to go on.
+        repair: delete damaged shards (so that the run recomputes them), and rebuild a corrupt manifest,
+            instead of refusing to go on.
 
     Returns:
         (commits of the finished shards by name, the directory lock held for the run).
 
     Raises:
-        AttAttrError: not a results directory, a different run's directory, in use, or damaged shards
-            without `repair` — each named, with how to recover. Nothing is written before these checks pass.
+        AttAttrError: not a results directory, a different run's directory, in use, or damaged shards or
+            manifest without `repair` — each named, with how to recover. Nothing is written before these checks
+            pass. With `repair`, a corrupt manifest is rebuilt from the commits that match `plan`.
     """
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
@@ -361,23 +365,34 @@ def open_run_directory(directory: str | Path, meta: dict[str, Any], plan: list[l
                                "output directory")  # fmt: skip
         raise AttAttrError(f"{directory} is not empty and has no {MANIFEST}: not a results directory; "
                            "choose a new output directory")  # fmt: skip
-    old = read_manifest(directory)
-    if old.get("format_version") != FORMAT_VERSION:
-        raise AttAttrError(f"{directory} was written in results format {old.get('format_version')}, this version "
-                           f"writes format {FORMAT_VERSION}; choose a new output directory")  # fmt: skip
-    check_same_run(directory, old, meta)
+    try:
+        old: dict[str, Any] | None = read_manifest(directory)
+    except CorruptManifest as exc:
+        if not repair:
+            raise
+        log.warning("repair: %s is corrupt (%s): rebuilding it from the shards whose commits match this run's "
+                    "plan; the settings that made them are lost, so they are taken to be this run's",
+                    directory / MANIFEST, exc.why)  # fmt: skip
+        old = None
+    if old is not None:
+        if old.get("format_version") != FORMAT_VERSION:
+            raise AttAttrError(f"{directory} was written in results format {old.get('format_version')}, this "
+                               f"version writes format {FORMAT_VERSION}; choose a new output directory")  # fmt: skip
+        check_same_run(directory, old, meta)
     lock = DirectoryLock(directory)
     try:
         commits, problems = read_commits(directory)
-        for entry in old["shards"]:
+        for entry in old["shards"] if old is not None else []:
             if entry["name"] not in commits and entry["name"] not in problems:
                 problems[entry["name"]] = f"{entry['name']}{COMMIT_SUFFIX} is missing"
         for name, entry in commits.items():
-            if names.get(name) != entry.get("indices"):
-                raise AttAttrError(f"{directory}: shard {name} holds other examples than this run plans for it; "
-                                   "the tokenizer or the input changed, choose a new output directory")
-            problem = shard_problem(directory, entry)
-            if problem:
+            # the settings match (the tokenized input among them), so the plan is the one that made the shards:
+            # a commit that disagrees with it is damaged
+            if name not in names:
+                problems[name] = f"{name}{COMMIT_SUFFIX} is for a shard this run does not have"
+            elif names[name] != entry["indices"]:
+                problems[name] = f"{name}{COMMIT_SUFFIX} lists other examples than this run plans for the shard"
+            elif problem := shard_problem(directory, entry):
                 problems[name] = problem
         if problems and not repair:
             listing = "; ".join(f"{name}: {why}" for name, why in sorted(problems.items()))
@@ -472,27 +487,43 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise AttAttrError(f"{path} is corrupt (not valid JSON)") from None
+        raise CorruptManifest(path, "not valid JSON") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or "shards" not in manifest:
         raise AttAttrError(f"{path} is not an attattr-fast manifest")
     shards = manifest["shards"]
     if not isinstance(shards, list) or not all(_well_formed(entry) for entry in shards):
-        raise AttAttrError(f"{path} is corrupt (its list of shards is malformed); rerun the attribute command "
-                           "into a new output directory")  # fmt: skip
+        raise CorruptManifest(path, "its list of shards is malformed")
     return manifest
 
 
-def _well_formed(entry: Any) -> bool:
-    """A shard entry as `write_shard` makes it: name, n, indices and line offsets, sizes and sha256 per file."""
-    def ints(value):
-        return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+class CorruptManifest(AttAttrError):
+    """A damaged manifest.json; `open_run_directory(repair=True)` rebuilds it from the shards' commits."""
 
-    return (isinstance(entry, dict) and isinstance(entry.get("name"), str)
+    def __init__(self, path: Path, why: str):
+        super().__init__(f"{path} is corrupt ({why}); rerun the attribute command that wrote it, with --repair, "
+                         "to rebuild it from the finished shards")  # fmt: skip
+        self.why = why
+
+
+def _well_formed(entry: Any) -> bool:
+    """A shard entry as `write_shard` makes it: name, n, indices (non-negative) and increasing line offsets inside
+    the .jsonl file, sizes and sha256 per file."""
+    def ints(value, low=0):
+        return (isinstance(value, list)
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= low for v in value))  # fmt: skip
+
+    if not (isinstance(entry, dict) and isinstance(entry.get("name"), str) and _SHARD_NAME.match(entry["name"])
             and ints(entry.get("indices")) and ints(entry.get("offsets"))
-            and len(entry["indices"]) == len(entry["offsets"]) == entry.get("n")
-            and all(isinstance(entry.get(k), dict) and set(entry[k]) == {f"{entry['name']}.safetensors",
-                                                                        f"{entry['name']}.jsonl"}
-                    for k in ("sha256", "bytes")))  # fmt: skip
+            and len(entry["indices"]) == len(entry["offsets"]) == entry.get("n")):  # fmt: skip
+        return False
+    files = {f"{entry['name']}.safetensors", f"{entry['name']}.jsonl"}
+    sizes, digests = entry.get("bytes"), entry.get("sha256")
+    if not (isinstance(sizes, dict) and isinstance(digests, dict) and set(sizes) == set(digests) == files
+            and ints(list(sizes.values())) and all(isinstance(d, str) and _SHA256.match(d) for d in digests.values())):
+        return False
+    offsets = entry["offsets"]
+    return all(a < b for a, b in zip(offsets, offsets[1:])) and (not offsets or
+                                                                  offsets[-1] < sizes[f"{entry['name']}.jsonl"])
 
 
 class Results(Sequence):
@@ -511,17 +542,25 @@ class Results(Sequence):
         if self.manifest.get("format_version") != FORMAT_VERSION:
             raise AttAttrError(f"{self.dir} is in results format {self.manifest.get('format_version')}; "
                                f"this version reads format {FORMAT_VERSION}")  # fmt: skip
+        listed_by = {entry["name"]: self.dir / MANIFEST for entry in self.manifest["shards"]}
         if not self.complete:  # a running or interrupted run refreshes its manifest only now and then
             shards = {entry["name"]: entry for entry in self.manifest["shards"]}
-            shards.update(read_commits(self.dir)[0])  # every shard with a commit is finished
+            for name, entry in read_commits(self.dir)[0].items():  # every shard with a commit is finished
+                if name not in shards:  # the manifest's entry, where it has one, is a copy of the commit
+                    shards[name] = entry
+                    listed_by[name] = self.dir / f"{name}{COMMIT_SUFFIX}"
             self.manifest["shards"] = [shards[name] for name in sorted(shards)]
         self.verify = verify
+        n_examples = self.manifest.get("n_examples")
         self._where: dict[int, tuple[int, int]] = {}
         for s, shard in enumerate(self.manifest["shards"]):
+            where = listed_by[shard["name"]]
             for pos, index in enumerate(shard["indices"]):
-                if int(index) in self._where:
-                    raise AttAttrError(f"{self.dir / MANIFEST} is corrupt (example {index} is in two places)")
-                self._where[int(index)] = (s, pos)
+                if index in self._where:
+                    raise AttAttrError(f"{where} is corrupt (example {index} is in two places)")
+                if isinstance(n_examples, int) and index >= n_examples:
+                    raise AttAttrError(f"{where} is corrupt (example {index} of a run of {n_examples})")
+                self._where[index] = (s, pos)
         self.indices = sorted(self._where)
         if self.complete and len(self.indices) != self.manifest.get("n_examples"):
             raise AttAttrError(f"{self.dir / MANIFEST} is corrupt (complete, with {len(self.indices)} of "

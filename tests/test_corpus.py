@@ -366,6 +366,42 @@ def test_missing_commit_record_is_damage_too(tmp_path, reference, corpus_file, t
     assert_same_records(load_results(out), load_results(reference))
 
 
+def test_a_commit_with_edited_indices_is_damage_that_repair_recomputes(tmp_path, reference, corpus_file,
+                                                                        tiny_model_dir, capsys):
+    out = tmp_path / "out"
+    argv = ["attribute", "--input", corpus_file, "--model", tiny_model_dir, "--out", out, *FAST]
+    assert run_cli(*argv) == 0
+    commit = out / "shard-00001.commit.json"
+    entry = json.loads(commit.read_text())
+    commit.write_text(json.dumps({**entry, "indices": [N_EXAMPLES + 5, *entry["indices"][1:]]}))
+    capsys.readouterr()
+    assert run_cli(*argv) == 2
+    err = capsys.readouterr().err
+    assert "shard-00001: shard-00001.commit.json lists other examples than this run plans" in err and "--repair" in err
+    assert run_cli(*argv, "--repair") == 0
+    assert_each_example_once(out)
+    assert_same_records(load_results(out), load_results(reference))
+
+
+def test_a_manifest_cut_short_is_rebuilt_by_repair_without_recomputing(tmp_path, reference, corpus_file,
+                                                                      tiny_model_dir, capsys):
+    out = tmp_path / "out"
+    argv = ["attribute", "--input", corpus_file, "--model", tiny_model_dir, "--out", out, *FAST]
+    assert run_cli(*argv) == 0
+    manifest = out / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes()[:300])
+    capsys.readouterr()
+    assert run_cli("graph", "--results", out, "--index", "0", "--out", tmp_path / "g.json") == 2
+    assert "manifest.json is corrupt (not valid JSON); rerun the attribute command that wrote it, with --repair" in \
+        capsys.readouterr().err
+    assert run_cli(*argv) == 2
+    untouched = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
+    assert run_cli(*argv, "--repair") == 0
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")} == untouched
+    assert_each_example_once(out)
+    assert_same_records(load_results(out), load_results(reference))
+
+
 def test_store_float16_halves_the_wide_tensors(tmp_path, reference, corpus_file, tiny_model_dir):
     out = tmp_path / "out"
     assert run_cli("attribute", "--input", corpus_file, "--model", tiny_model_dir, "--out", out, *FAST,

@@ -191,7 +191,9 @@ def test_open_run_directory_new_resume_and_refusals(tmp_path):
         open_run_directory(out, other, PLAN)
     assert str(err.value).count("\n") == 0
     assert "model: m (weights sha256 aa) there, m2 (weights sha256 cc) now; n_steps: 3 there, 20 now" in str(err.value)
-    with pytest.raises(AttAttrError, match="holds other examples than this run plans"):
+    # the settings match, so a commit listing other examples than the plan is damaged, which --repair recomputes
+    with pytest.raises(AttAttrError, match=r"shard-00001: shard-00001.commit.json lists other examples than this "
+                                           r"run plans for the shard\); rerun the same command with --repair"):
         open_run_directory(out, META, [[0, 1], [3, 2], [4]])
 
 
@@ -320,6 +322,90 @@ def test_a_commit_missing_a_field_is_damage_that_repair_recomputes(tmp_path):
     commits, lock = open_run_directory(out, META, PLAN, repair=True)
     lock.release()
     assert sorted(commits) == ["shard-00000", "shard-00002"]
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m["shards"][1].update(offsets=[0, 10**30]),  # past the end of the .jsonl file
+    lambda m: m["shards"][1].update(offsets=[-1, 3]),
+    lambda m: m["shards"][1].update(offsets=[5, 5]),  # two records on one line
+    lambda m: m["shards"][1].update(indices=[2, -3]),
+    lambda m: m["shards"][1].update(n="2"),
+    lambda m: m["shards"][1]["bytes"].update({"shard-00001.jsonl": "many"}),
+    lambda m: m["shards"][1]["sha256"].update({"shard-00001.jsonl": 7}),
+    lambda m: m["shards"][1].update(name="../shard-00001"),
+])  # fmt: skip
+def test_wrong_types_and_ranges_in_the_shard_list_are_malformed_not_a_traceback(tmp_path, edit):
+    out = tmp_path / "res"
+    manifest = _finished(out)
+    edit(manifest)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    for read in (load_results, lambda d: open_run_directory(d, META, PLAN)):
+        with pytest.raises(AttAttrError, match=r"corrupt \(its list of shards is malformed\); rerun the attribute "
+                                               r"command that wrote it, with --repair"):  # fmt: skip
+            read(out)
+
+
+@pytest.mark.parametrize("key, value", [("model", {"name": "m", "sha256": "aa", "config_sha256": 5}),
+                                        ("input", {"sha256": "bb", "n_examples": 10, "encoded_sha256": 7})])
+def test_a_setting_of_the_wrong_type_is_named_in_the_refusal(tmp_path, key, value):
+    out = tmp_path / "res"
+    manifest = _finished(out)
+    manifest[key] = value
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    number = value.get("config_sha256", value.get("encoded_sha256"))
+    with pytest.raises(AttAttrError, match=f"holds results of a different run \\({key}: .*sha256 {number}[,)]"):
+        open_run_directory(out, META, PLAN)
+
+
+def test_a_commit_for_a_shard_the_run_does_not_have_is_damage_that_repair_removes(tmp_path):
+    out = tmp_path / "res"
+    _finished(out)
+    write_shard(out, "shard-00009", [make_record(4, 4)])  # intact, but not of this run's plan
+    with pytest.raises(AttAttrError, match="shard-00009.commit.json is for a shard this run does not have"):
+        open_run_directory(out, META, PLAN)
+    commits, lock = open_run_directory(out, META, PLAN, repair=True)
+    lock.release()
+    assert sorted(commits) == ["shard-00000", "shard-00001", "shard-00002"]
+    assert not list(out.glob("shard-00009*"))
+
+
+def test_an_incomplete_run_reads_the_manifests_entry_over_a_damaged_commit_and_names_a_bad_commit(tmp_path):
+    out = tmp_path / "res"
+    _, lock = open_run_directory(out, META, PLAN)
+    from attattr_fast.results import write_manifest
+
+    first = write_shard(out, "shard-00000", [make_record(i, 4) for i in PLAN[0]])
+    write_manifest(out, META, PLAN, {"shard-00000": first}, complete=False)
+    lock.release()
+    path = out / f"shard-00000{COMMIT_SUFFIX}"
+    path.write_text(json.dumps({**first, "indices": [0, 3]}))  # damaged after the manifest copied it
+    assert [r.index for r in load_results(out)] == [0, 1]
+    # a shard finished after the manifest's last refresh has only its commit, which is named when wrong
+    second = write_shard(out, "shard-00001", [make_record(i, 4) for i in PLAN[1]])
+    (out / f"shard-00001{COMMIT_SUFFIX}").write_text(json.dumps({**second, "indices": [1, 3]}))
+    with pytest.raises(AttAttrError, match=r"shard-00001.commit.json is corrupt \(example 1 is in two places\)"):
+        load_results(out)
+    (out / f"shard-00001{COMMIT_SUFFIX}").write_text(json.dumps({**second, "indices": [2, 30]}))
+    with pytest.raises(AttAttrError, match=r"shard-00001.commit.json is corrupt \(example 30 of a run of 5\)"):
+        load_results(out)
+
+
+def test_a_manifest_that_is_not_json_is_rebuilt_by_repair_from_the_commits(tmp_path, caplog):
+    out = tmp_path / "res"
+    _finished(out)
+    (out / "manifest.json").write_text('{"format": "attattr-fast-results", "shards": [')  # cut short
+    for read in (load_results, lambda d: open_run_directory(d, META, PLAN)):
+        with pytest.raises(AttAttrError, match=r"manifest.json is corrupt \(not valid JSON\); rerun the attribute "
+                                               r"command that wrote it, with --repair, to rebuild it"):  # fmt: skip
+            read(out)
+    with caplog.at_level(logging.WARNING):
+        commits, lock = open_run_directory(out, META, PLAN, repair=True)
+    lock.release()
+    assert "rebuilding it from the shards whose commits match this run's plan" in caplog.text
+    assert sorted(commits) == ["shard-00000", "shard-00001", "shard-00002"]  # nothing lost, nothing to recompute
+    manifest = read_manifest(out)
+    assert manifest["n_done"] == 5 and manifest["method"] == META["method"] and not manifest["complete"]
+    assert [r.index for r in load_results(out)] == [0, 1, 2, 3, 4]
 
 
 def test_shards_without_a_manifest_are_named_not_mistaken_for_a_stranger(tmp_path):
