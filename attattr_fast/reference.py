@@ -19,7 +19,7 @@ import copy
 import torch
 from torch import Tensor
 
-from attattr_fast.adapters import adapter_for
+from attattr_fast.adapters import EncoderAdapter, adapter_for
 from attattr_fast.errors import AttAttrError
 from attattr_fast.inputs import (
     allows_autograd,
@@ -114,12 +114,18 @@ def attribute(
     top_k: int = 0,
     result_device: str | torch.device = "cpu",
 ) -> AttributionResult:
-    """Same arguments and result as `AttentionAttribution.attribute`. `dtype` is the dtype the whole model
+    """Same arguments and result as `AttentionAttribution.attribute`; `model` is a model or its adapter without
+    gates switched off (the model's own forward has none). `dtype` is the dtype the whole model
     runs in (None: float32, float64 models stay float64); `backend` is checked and ignored, as is
     `internal_batch_size`: every node is its own forward and backward."""
     alphas, weights = check_options(method, n_steps, output, dtype, internal_batch_size, top_k)
     dtype, top_k = as_dtype(dtype), int(top_k)
     meta = adapter_for(model)  # only for the model's sizes
+    if isinstance(model, EncoderAdapter):  # the reference runs the model's own forward, which has no head gates
+        if not torch.equal(model.head_gates.cpu().float(), model.present_heads.cpu().float()):
+            raise AttAttrError("the reference runs the model's own forward, which has no head gates: prune the "
+                               "gated heads (pruning.prune_heads) and pass the pruned model")  # fmt: skip
+        model = model.model
     if any(t.is_inference() for t in (*model.parameters(), *model.buffers())):
         raise AttAttrError("the model's weights were made under torch.inference_mode(), and the reference runs the "
                            "model's own autograd, which cannot use them: load the model outside inference mode")

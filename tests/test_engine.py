@@ -432,6 +432,18 @@ def test_gated_head_has_zero_attribution():
     assert res.attributions[0, 1, 2].abs().max() > 0
 
 
+def test_the_reference_takes_an_ungated_adapter_and_refuses_gates_it_cannot_run():
+    model = tiny_classifier("bert", layers=2)
+    ids, mask, types = padded_batch(model, [5])
+    aa = AttentionAttribution(model)
+    by_model = reference.attribute(model, ids, mask, types, n_steps=2, dtype=torch.float64)
+    by_adapter = reference.attribute(aa.adapter, ids, mask, types, n_steps=2, dtype=torch.float64)
+    assert torch.equal(by_adapter.attributions, by_model.attributions)
+    aa.adapter.head_gates[1, 3] = 0.0
+    with pytest.raises(AttAttrError, match="no head gates: prune the gated heads"):
+        reference.attribute(aa.adapter, ids, mask, types, n_steps=2)
+
+
 def test_explicit_target_matches_reference():
     model = tiny_classifier("bert", layers=2)
     ids, mask, types = padded_batch(model, [5, 4])
