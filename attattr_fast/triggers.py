@@ -950,6 +950,7 @@ def evaluate(
                         patterns.labels[c] if c < len(patterns.labels) else c, len(patterns.top(c, top_k)), top_k)
     if not triggers:
         raise AttAttrError("the patterns file has no insertable pattern to evaluate")
+    _check_segments(triggers, clean, special_ids, labels)
     vocabulary = control_vocabulary(tokenizer) if control_draws else []
     generator = torch.Generator().manual_seed(seed)
     rows: list[TriggerRow] = []
@@ -966,6 +967,18 @@ def evaluate(
     return TriggerEvaluation(labels=labels, counts=counts, baseline=baseline, rows=rows,
                              options=dict(top_k=top_k, control_draws=control_draws, seed=seed,
                                           max_length=max_length, n_examples=len(examples)))  # fmt: skip
+
+
+def _check_segments(triggers, clean, special_ids: Collection[int], labels: list[str]) -> None:
+    """Every trigger must find its segments in every example (a pair's trigger needs pairs), checked before work."""
+    counts = [len(layout(ids, special_ids).runs) for ids, _ in clean]
+    fewest = min(range(len(counts)), key=counts.__getitem__)
+    for c, rank, pattern in triggers:
+        needs = max((seg for seg, _, _ in _blocks(pattern)), default=-1) + 1
+        if needs > counts[fewest]:
+            raise AttAttrError(f"trigger {rank} of class {labels[c]} ({pattern.text()!r}) has tokens in segment "
+                               f"{needs}, but example {fewest} has {counts[fewest]} segment(s); evaluate the "
+                               "triggers of sentence pairs on sentence pairs")  # fmt: skip
 
 
 def _row(kind: str, c: int, rank: int, tokens: list[str], metrics: list[dict], baseline: list[float]) -> TriggerRow:

@@ -360,6 +360,14 @@ def test_evaluate_refuses_unlabelled_examples_and_foreign_patterns(tiny):
     beyond = Extraction(labels=[], patterns={5: [pattern]}, n_examples=1, n_without_pattern=0)
     with pytest.raises(AttAttrError, match="patterns of class 5; the model has classes 0..1"):
         evaluate(model, tokenizer, _examples(), beyond, progress=False)
+    # a trigger from sentence pairs, on single sentences: refused before any prediction, naming both
+    ids = tokenizer.convert_tokens_to_ids(["awful", "plot"])
+    pair = Pattern(label=0, token_ids=tuple(ids), tokens=("awful", "plot"), segments=(0, 1), rel_positions=(0.5, 0.5),
+                   special=(False, False), positions=(2, 6), score=1.0, source=0)  # fmt: skip
+    from_pairs = Extraction(labels=["negative", "positive"], patterns={0: [pair]}, n_examples=1, n_without_pattern=0)
+    with pytest.raises(AttAttrError, match=r"trigger 1 of class negative \('awful plot'\) has tokens in segment 2, "
+                                           r"but example 0 has 1 segment\(s\)"):  # fmt: skip
+        evaluate(model, tokenizer, _examples(), from_pairs, progress=False)
 
 
 # ---------------------------------------------------------------- extraction end to end vs brute force
