@@ -323,9 +323,13 @@ def strongest_entries(
             for c in _select(candidates, blocked, entries, max_tokens)]  # fmt: skip
 
 
-def release_head(head_max: Tensor) -> tuple[int, int]:
-    """(row in L', head) of the largest entry over all layers and heads; the first on ties. head_max [L', H]."""
-    flat = int(torch.argmax(head_max.reshape(-1)))  # torch returns the first maximum
+def release_head(head_max: Tensor, on: Tensor | None = None) -> tuple[int, int]:
+    """(row in L', head) of the largest entry over all layers and heads; the first on ties. head_max [L', H];
+    `on` [L', H] bool: the heads that may be chosen (a gated or pruned head's zeros are no score)."""
+    scores = head_max if on is None else head_max.masked_fill(~on, float("-inf"))
+    if on is not None and not bool(on.any()):
+        raise AttAttrError("every head of the attributed layers is gated off or pruned; choose other layers")
+    flat = int(torch.argmax(scores.reshape(-1)))  # torch returns the first maximum
     return flat // head_max.shape[1], flat % head_max.shape[1]
 
 
@@ -554,6 +558,7 @@ def extract(
     marker = piece_marker(tokenizer)
     options = dict(n_steps=n_steps, method=method, dtype=dtype, backend=backend)
 
+    heads_on = (aa.adapter.head_gates != 0).cpu()  # [L, H]: release mode never picks a head that is off
     found: list[Pattern] = []
     reruns: dict[int, list[tuple[int, int, int, list[bool]]]] = {}  # layer → (example, target, head, blocked)
     records = attribute_corpus(aa, corpus, [None] * len(examples), batch_size=batch_size, top_k=0,
@@ -570,7 +575,7 @@ def extract(
             if pattern is not None:
                 found.append(pattern)
         else:
-            row, head = release_head(record.head_max)
+            row, head = release_head(record.head_max, heads_on[record.layers])
             reruns.setdefault(record.layers[row], []).append((record.index, record.target, head, blocked))
 
     bar = tqdm(total=sum(map(len, reruns.values())), unit="ex", disable=not progress or not reruns,

@@ -140,6 +140,12 @@ def test_strongest_entries_with_lexicon():
 def test_release_mode_head_and_its_top_entries():
     assert release_head(torch.tensor([[0.3, 0.8], [0.8, 0.1]])) == (0, 1)  # first of the tied maxima
     assert release_head(torch.tensor([[0.3, 0.2], [0.1, 0.9]])) == (1, 1)
+    # every head that is on scores below zero: a gated head's zero is no score, so it is never chosen
+    negative = torch.tensor([[-0.3, 0.0], [-0.2, -0.4]])
+    assert release_head(negative) == (0, 1)
+    assert release_head(negative, on=torch.tensor([[True, False], [True, True]])) == (1, 0)
+    with pytest.raises(AttAttrError, match="every head of the attributed layers is gated off"):
+        release_head(negative, on=torch.zeros(2, 2, dtype=torch.bool))
     m = torch.tensor([[0.0, 0.1, 0.0, 0.0],
                       [0.6, 0.0, 0.0, 0.2],
                       [0.0, 0.0, 0.8, 0.0],
