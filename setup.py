@@ -1,8 +1,13 @@
+import re
+
 from setuptools import setup
+
+# one place for the version: attattr_fast/__init__.py (results record it; a resume needs the same one)
+VERSION = re.search(r'^__version__ = "([^"]+)"', open("attattr_fast/__init__.py", encoding="utf-8").read(), re.M)[1]
 
 setup(
     name="attattr-fast",
-    version="0.1.0",
+    version=VERSION,
     description="Fast self-attention attribution (AttAttr) for BERT-family classifiers, with Triton kernels",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+# 0.2.0: heads of a pruned model keep their unpruned numbers in results (0.1.0 numbered the kept heads 0, 1, …)
+__version__ = "0.2.0"
 
 _EXPORTS = {
     "AttAttrError": "attattr_fast.errors",

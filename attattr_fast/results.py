@@ -6,6 +6,8 @@
     DIR/shard-00000.safetensors       the shard's tensors, keys "<index>/<field>"
     DIR/shard-00000.jsonl             one JSON object per example: index, tokens, text, label, target, prob, …
     DIR/shard-00000.commit.json       the shard's entry: example indices, line offsets, sizes and sha256 of both
+    DIR/settings.json                 the settings alone, written once when the run starts: what `--repair`
+                                      checks the shards against if manifest.json is damaged
 
 Every file is written under a temporary name and renamed when complete. A shard counts as finished once its
 commit record exists, and the commit is written last, so a run killed at any instant leaves finished shards,
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 FORMAT = "attattr-fast-results"
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+SETTINGS = "settings.json"
 COMMIT_SUFFIX = ".commit.json"
 LOCK = ".lock"
 TENSOR_FIELDS = ("head_max", "head_argmax", "layer_attr", "delta", "attributions", "attention",
@@ -237,7 +240,8 @@ def write_shard(directory: str | Path, name: str, records: list[Record], store_d
 
 
 def shard_problem(directory: Path, entry: dict[str, Any]) -> str | None:
-    """None when both files of the shard are present and match their checksums, else what is wrong."""
+    """None when both files of the shard are present and match their checksums, and the entry's line offsets
+    and indices match the .jsonl file's lines, else what is wrong."""
     for fname, digest in entry["sha256"].items():
         path = directory / fname
         if not path.is_file():
@@ -247,6 +251,17 @@ def shard_problem(directory: Path, entry: dict[str, Any]) -> str | None:
             return f"{fname} has {size} bytes, its commit says {entry['bytes'][fname]}"
         if sha256_file(path) != digest:
             return f"{fname} does not match its sha256"
+    lines = (directory / f"{entry['name']}.jsonl").read_bytes()
+    starts = [0, *(k + 1 for k in range(len(lines) - 1) if lines[k] == 0x0A)] if lines else []
+    if starts != entry["offsets"]:
+        return f"its commit's line offsets do not match {entry['name']}.jsonl"
+    for start, index in zip(starts, entry["indices"]):
+        try:
+            found = json.loads(lines[start:lines.index(b"\n", start)]).get("index")
+        except (ValueError, AttributeError):
+            found = None
+        if found != index:
+            return f"its commit's example {index} is not on its line of {entry['name']}.jsonl"
     return None
 
 
@@ -340,18 +355,21 @@ def open_run_directory(directory: str | Path, meta: dict[str, Any], plan: list[l
     Raises:
         AttAttrError: not a results directory, a different run's directory, in use, or damaged shards or
             manifest without `repair` — each named, with how to recover. Nothing is written before these checks
-            pass. With `repair`, a corrupt manifest is rebuilt from the commits that match `plan`.
+            pass. With `repair`, a corrupt manifest is rebuilt from the commits that match `plan`, once
+            settings.json shows the run's settings are `meta`'s.
     """
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise AttAttrError(f"{directory} exists and is not a directory")
     names = {shard_name(p): indices for p, indices in enumerate(plan)}
-    # empty, or left so by a run killed while it wrote its first manifest (the lock and temporary files)
-    if not directory.exists() or all(p.name == LOCK or _TMP_FILE.match(p.name) for p in directory.iterdir()):
+    # empty, or left so by a run killed while it wrote its first manifest (the lock, settings, temporary files)
+    if not directory.exists() or all(p.name in (LOCK, SETTINGS) or _TMP_FILE.match(p.name)
+                                     for p in directory.iterdir()):  # fmt: skip
         directory.mkdir(parents=True, exist_ok=True)
         lock = DirectoryLock(directory)
         try:
             _remove_leftovers(directory, set())
+            atomic_write_bytes(directory / SETTINGS, json.dumps(_run_header(meta), indent=1).encode("utf-8"))
             write_manifest(directory, meta, plan, {}, complete=False)
         except BaseException:
             lock.release()
@@ -366,23 +384,23 @@ def open_run_directory(directory: str | Path, meta: dict[str, Any], plan: list[l
         raise AttAttrError(f"{directory} is not empty and has no {MANIFEST}: not a results directory; "
                            "choose a new output directory")  # fmt: skip
     try:
-        old: dict[str, Any] | None = read_manifest(directory)
+        old = read_manifest(directory)
+        settings = old
     except CorruptManifest as exc:
         if not repair:
             raise
-        log.warning("repair: %s is corrupt (%s): rebuilding it from the shards whose commits match this run's "
-                    "plan; the settings that made them are lost, so they are taken to be this run's",
-                    directory / MANIFEST, exc.why)  # fmt: skip
-        old = None
-    if old is not None:
-        if old.get("format_version") != FORMAT_VERSION:
-            raise AttAttrError(f"{directory} was written in results format {old.get('format_version')}, this "
-                               f"version writes format {FORMAT_VERSION}; choose a new output directory")  # fmt: skip
-        check_same_run(directory, old, meta)
+        settings = _read_settings(directory, exc)
+        log.warning("repair: %s is corrupt (%s); rebuilding it from %s and the shards' commits",
+                    directory / MANIFEST, exc.why, SETTINGS)  # fmt: skip
+        old = {**settings, "shards": []}
+    if settings.get("format_version") != FORMAT_VERSION:
+        raise AttAttrError(f"{directory} was written in results format {settings.get('format_version')}, this "
+                           f"version writes format {FORMAT_VERSION}; choose a new output directory")  # fmt: skip
+    check_same_run(directory, settings, meta)
     lock = DirectoryLock(directory)
     try:
         commits, problems = read_commits(directory)
-        for entry in old["shards"] if old is not None else []:
+        for entry in old["shards"]:
             if entry["name"] not in commits and entry["name"] not in problems:
                 problems[entry["name"]] = f"{entry['name']}{COMMIT_SUFFIX} is missing"
         for name, entry in commits.items():
@@ -409,6 +427,30 @@ def open_run_directory(directory: str | Path, meta: dict[str, Any], plan: list[l
     return commits, lock
 
 
+def _run_header(meta: dict[str, Any]) -> dict[str, Any]:
+    """What heads manifest.json and fills settings.json: format, versions and the run's settings."""
+    from attattr_fast import __version__
+
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "version": __version__, **meta}
+
+
+def _read_settings(directory: Path, damage: CorruptManifest) -> dict[str, Any]:
+    """settings.json, which a corrupt manifest's repair checks the run against; AttAttrError if it is unusable."""
+    path = directory / SETTINGS
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        settings = None
+    except (ValueError, UnicodeDecodeError):
+        settings = False
+    if not isinstance(settings, dict) or settings.get("format") != FORMAT:
+        what = "missing" if settings is None else "damaged too"
+        raise AttAttrError(f"{directory / MANIFEST} is corrupt ({damage.why}) and {SETTINGS}, the other record of "
+                           f"the run's settings, is {what}: the shards cannot be checked against this run; choose "
+                           "a new output directory")  # fmt: skip
+    return settings
+
+
 def _remove_leftovers(directory: Path, committed: set[str]) -> None:
     """Temporary files of a killed run, and shard files without a commit (they are recomputed)."""
     for path in directory.iterdir():
@@ -420,11 +462,8 @@ def _remove_leftovers(directory: Path, committed: set[str]) -> None:
 def write_manifest(directory: Path, meta: dict[str, Any], plan: list[list[int]],
                    commits: dict[str, dict[str, Any]], complete: bool) -> None:
     """manifest.json: the settings, the progress and the finished shards (one line each)."""
-    from attattr_fast import __version__
-
     shards = [commits[name] for name in sorted(commits)]
-    head = {"format": FORMAT, "format_version": FORMAT_VERSION, "version": __version__, **meta,
-            "n_examples": sum(len(p) for p in plan), "n_shards": len(plan),
+    head = {**_run_header(meta), "n_examples": sum(len(p) for p in plan), "n_shards": len(plan),
             "n_done": sum(int(e["n"]) for e in shards), "complete": complete}  # fmt: skip
     # One line per shard keeps a long index list from spreading over thousands of lines.
     body = ",\n".join("    " + json.dumps(e, ensure_ascii=False, separators=(",", ":")) for e in shards)
@@ -489,6 +528,8 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CorruptManifest(path, "not valid JSON") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or "shards" not in manifest:
+        if any(Path(directory).glob(f"shard-*{COMMIT_SUFFIX}")):  # our shards: the manifest is what is damaged
+            raise CorruptManifest(path, "not an attattr-fast manifest")
         raise AttAttrError(f"{path} is not an attattr-fast manifest")
     shards = manifest["shards"]
     if not isinstance(shards, list) or not all(_well_formed(entry) for entry in shards):
@@ -551,15 +592,11 @@ class Results(Sequence):
                     listed_by[name] = self.dir / f"{name}{COMMIT_SUFFIX}"
             self.manifest["shards"] = [shards[name] for name in sorted(shards)]
         self.verify = verify
-        n_examples = self.manifest.get("n_examples")
         self._where: dict[int, tuple[int, int]] = {}
         for s, shard in enumerate(self.manifest["shards"]):
-            where = listed_by[shard["name"]]
             for pos, index in enumerate(shard["indices"]):
                 if index in self._where:
-                    raise AttAttrError(f"{where} is corrupt (example {index} is in two places)")
-                if isinstance(n_examples, int) and index >= n_examples:
-                    raise AttAttrError(f"{where} is corrupt (example {index} of a run of {n_examples})")
+                    raise AttAttrError(f"{listed_by[shard['name']]} is corrupt (example {index} is in two places)")
                 self._where[index] = (s, pos)
         self.indices = sorted(self._where)
         if self.complete and len(self.indices) != self.manifest.get("n_examples"):

@@ -204,9 +204,10 @@ def test_sigkill_at_several_points_then_resume_equals_uninterrupted(tmp_path, re
     script.write_text(KILLER)
     out = tmp_path / "out"
     argv = ["attribute", "--input", corpus_file, "--model", tiny_model_dir, "--out", out, *FAST]
-    # Writes of a run: the manifest, then per shard .safetensors, .jsonl, .commit.json, and the final manifest.
+    # Writes of a run: settings.json and the manifest, then per shard .safetensors, .jsonl, .commit.json, and the
+    # final manifest.
     # 1) Mid-shard: shard 0 finished, shard 1's tensors written, its metadata complete but not yet renamed.
-    proc = start(script, argv, KILL_AT=2 + 3 * 1 + 1, KILL_PHASE="tmp")
+    proc = start(script, argv, KILL_AT=3 + 3 * 1 + 1, KILL_PHASE="tmp")
     assert proc.wait(timeout=120) == -signal.SIGKILL, proc.stderr.read()
     assert commits(out) == ["shard-00000.commit.json"]
     assert (out / "shard-00001.safetensors").exists() and list(out.glob(".shard-00001.jsonl.tmp-*"))
@@ -318,14 +319,19 @@ def test_resume_with_other_targets_is_refused(tmp_path, prepared):
         run_library(aa, corpus, [1] * n, tmp_path / "out")
 
 
-def test_directory_of_a_run_killed_in_its_first_manifest_write_starts_afresh(tmp_path, reference, prepared):
+@pytest.mark.parametrize("settings", [False, True])
+def test_directory_of_a_run_killed_in_its_first_manifest_write_starts_afresh(tmp_path, reference, prepared, settings):
     aa, corpus, targets = prepared
     out = tmp_path / "out"
     out.mkdir()
     (out / ".lock").touch()
+    if settings:  # killed after writing settings.json, which comes first: another run's settings are no matter
+        (out / "settings.json").write_text('{"format": "attattr-fast-results", "n_steps": 99}')
     (out / ".manifest.json.tmp-4242").write_bytes(b'{"format": "attattr-')
     run_library(aa, corpus, targets, out)
     assert not list(out.glob(".*.tmp-*"))
+    assert json.loads((out / "settings.json").read_text())["n_steps"] == json.loads(
+        (out / "manifest.json").read_text())["n_steps"]
     assert_same_records(load_results(out), load_results(reference))
 
 

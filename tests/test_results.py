@@ -151,6 +151,16 @@ def test_reader_is_lazy_and_checks_only_the_shards_it_touches(tmp_path, monkeypa
     assert load_results(tmp_path / "res", verify=False)[8].index == 8  # the damage is in a tensor value
 
 
+def test_writer_takes_any_distinct_indices(tmp_path):
+    records = [make_record(i, n=3) for i in (30, 10, 20, 5)]
+    writer = ResultsWriter(tmp_path / "res", META, shard_size=3)
+    for r in records:
+        writer.add(r)
+    writer.close()
+    res = load_results(tmp_path / "res")
+    assert res.complete and res.indices == [5, 10, 20, 30] and [r.index for r in res] == [5, 10, 20, 30]
+
+
 def test_commit_lists_offsets_sizes_and_checksums(tmp_path):
     import hashlib
 
@@ -184,8 +194,9 @@ def test_open_run_directory_new_resume_and_refusals(tmp_path):
     commits, lock = open_run_directory(out, META, PLAN)
     lock.release()
     assert sorted(commits) == ["shard-00001"]
-    assert sorted(p.name for p in out.iterdir()) == [".lock", "manifest.json", "shard-00001.commit.json",
-                                                     "shard-00001.jsonl", "shard-00001.safetensors"]  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "manifest.json", "settings.json",
+                                                     "shard-00001.commit.json", "shard-00001.jsonl",
+                                                     "shard-00001.safetensors"]  # fmt: skip
     other = {**META, "n_steps": 20, "model": {"name": "m2", "sha256": "cc"}}
     with pytest.raises(AttAttrError) as err:
         open_run_directory(out, other, PLAN)
@@ -385,27 +396,60 @@ def test_an_incomplete_run_reads_the_manifests_entry_over_a_damaged_commit_and_n
     (out / f"shard-00001{COMMIT_SUFFIX}").write_text(json.dumps({**second, "indices": [1, 3]}))
     with pytest.raises(AttAttrError, match=r"shard-00001.commit.json is corrupt \(example 1 is in two places\)"):
         load_results(out)
-    (out / f"shard-00001{COMMIT_SUFFIX}").write_text(json.dumps({**second, "indices": [2, 30]}))
-    with pytest.raises(AttAttrError, match=r"shard-00001.commit.json is corrupt \(example 30 of a run of 5\)"):
-        load_results(out)
 
 
-def test_a_manifest_that_is_not_json_is_rebuilt_by_repair_from_the_commits(tmp_path, caplog):
+@pytest.mark.parametrize("damage, why", [
+    ('{"format": "attattr-fast-results", "shards": [', "not valid JSON"),  # cut short
+    ("{}", "not an attattr-fast manifest"),  # valid JSON, but the shards beside it say whose directory it is
+    ('{"format": "attattr-fast-results", "shards": 3}', "its list of shards is malformed"),
+])  # fmt: skip
+def test_a_corrupt_manifest_is_rebuilt_by_repair_from_the_settings_and_the_commits(tmp_path, caplog, damage, why):
     out = tmp_path / "res"
     _finished(out)
-    (out / "manifest.json").write_text('{"format": "attattr-fast-results", "shards": [')  # cut short
+    (out / "manifest.json").write_text(damage)
     for read in (load_results, lambda d: open_run_directory(d, META, PLAN)):
-        with pytest.raises(AttAttrError, match=r"manifest.json is corrupt \(not valid JSON\); rerun the attribute "
-                                               r"command that wrote it, with --repair, to rebuild it"):  # fmt: skip
+        with pytest.raises(AttAttrError, match=f"manifest.json is corrupt \\({why}\\); rerun the attribute "
+                                               "command that wrote it, with --repair, to rebuild it"):  # fmt: skip
             read(out)
+    # the settings that made the shards are in settings.json: another run's settings are refused
+    with pytest.raises(AttAttrError, match="holds results of a different run \\(n_steps: 3 there, 4 now\\)"):
+        open_run_directory(out, {**META, "n_steps": 4}, PLAN, repair=True)
     with caplog.at_level(logging.WARNING):
         commits, lock = open_run_directory(out, META, PLAN, repair=True)
     lock.release()
-    assert "rebuilding it from the shards whose commits match this run's plan" in caplog.text
+    assert "rebuilding it from settings.json and the shards' commits" in caplog.text
     assert sorted(commits) == ["shard-00000", "shard-00001", "shard-00002"]  # nothing lost, nothing to recompute
     manifest = read_manifest(out)
     assert manifest["n_done"] == 5 and manifest["method"] == META["method"] and not manifest["complete"]
     assert [r.index for r in load_results(out)] == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("settings, what", [(None, "missing"), ("{", "damaged too")])
+def test_a_corrupt_manifest_without_its_settings_is_refused_even_with_repair(tmp_path, settings, what):
+    out = tmp_path / "res"
+    _finished(out)
+    (out / "manifest.json").write_text("{")
+    if settings is None:
+        (out / "settings.json").unlink()
+    else:
+        (out / "settings.json").write_text(settings)
+    with pytest.raises(AttAttrError, match=f"and settings.json, the other record of the run's settings, is {what}: "
+                                           "the shards cannot be checked against this run"):  # fmt: skip
+        open_run_directory(out, META, PLAN, repair=True)
+    assert len(list(out.glob("shard-*"))) == 9  # refusing changes nothing
+
+
+def test_a_commit_whose_line_offsets_miss_the_lines_is_damage(tmp_path):
+    out = tmp_path / "res"
+    _finished(out)
+    path = out / f"shard-00001{COMMIT_SUFFIX}"
+    entry = json.loads(path.read_text())
+    path.write_text(json.dumps({**entry, "offsets": [0, entry["offsets"][1] + 1]}))
+    with pytest.raises(AttAttrError, match="shard-00001: its commit's line offsets do not match shard-00001.jsonl"):
+        open_run_directory(out, META, PLAN)
+    commits, lock = open_run_directory(out, META, PLAN, repair=True)
+    lock.release()
+    assert sorted(commits) == ["shard-00000", "shard-00002"]
 
 
 def test_shards_without_a_manifest_are_named_not_mistaken_for_a_stranger(tmp_path):
