@@ -123,6 +123,12 @@ class EncoderAdapter:
         self.act = ACT2FN[config.hidden_act] if isinstance(config.hidden_act, str) else config.hidden_act
         self.head_gates = self.present_heads.float()  # removed heads are off; gates can switch heads off, not on
 
+    @property
+    def gates_in_effect(self) -> Tensor:
+        """float32 [L, H] on the CPU: `head_gates` times `present_heads` (a removed head stays off whatever its
+        gate says). What the engine runs and what every ranking of heads reads."""
+        return self.head_gates.detach().float().cpu() * self.present_heads
+
     # -- where the weights live -------------------------------------------------------------
     def _base(self) -> torch.nn.Module:
         return self.model.bert
@@ -182,9 +188,7 @@ class EncoderAdapter:
             layers.append(LayerWeights(*(_usable(t, dtype) for t in tensors)))
         head = {k: _usable(v, dtype) for k, v in self._head_weights().items()}
         # a copy: a later change to head_gates must not reach a snapshot whose layer_gates are already derived
-        gates = self.head_gates.to(device=self.device, dtype=dtype, copy=True)
-        if self.kept_heads is not None:
-            gates *= self.present_heads.to(self.device)
+        gates = self.gates_in_effect.to(device=self.device, dtype=dtype, copy=True)
         return Weights(layers=layers, gates=gates, head=head, dtype=dtype)
 
     def _attention_weights(self, attention: torch.nn.Module, layer: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -355,7 +355,7 @@ def _gated_accuracies(adapter: EncoderAdapter, input_ids, labels, key_mask, type
 
 
 def _accuracy_scores(adapter, input_ids, labels, key_mask, types, *, batch_size, progress, **_):
-    base = adapter.head_gates.float()
+    base = adapter.gates_in_effect
     configs = []
     for layer in range(adapter.n_layers):
         for head in range(adapter.n_heads):
@@ -404,7 +404,7 @@ def pruning_curves(
     """
     adapter = adapter_for(model)
     fractions = tuple(float(f) for f in fractions)
-    own_gates = adapter.head_gates.detach().float().cpu()
+    own_gates = adapter.gates_in_effect
     on = own_gates != 0
     counts = [int((gates_for_fraction(own_gates, f, on) == 0).sum()) for f in fractions]
     acc, prob = {}, {}
@@ -442,7 +442,7 @@ def layer_effectiveness(
     """
     adapter, input_ids, labels, key_mask, types = _prepared(model, input_ids, labels, attention_mask, token_type_ids)
     n_layers, n_heads = adapter.n_layers, adapter.n_heads
-    base = adapter.head_gates.float()
+    base = adapter.gates_in_effect
     plans: dict[tuple, int] = {}  # identical gate settings (k = 0, k = H, ties) are evaluated once
     configs: list[tuple[int, Tensor]] = []
     slots: dict[str, dict[str, list[list[int]]]] = {}
@@ -471,11 +471,14 @@ def layer_effectiveness(
             for m, metric in enumerate(("accuracy", "gold_probability"))}  # fmt: skip
 
 
-def importance_correlation(a: Tensor, b: Tensor) -> float:
-    """Pearson correlation of two importance maps [L, H] over all heads (Figure 6)."""
+def importance_correlation(a: Tensor, b: Tensor, on: Tensor | None = None) -> float:
+    """Pearson correlation of two importance maps [L, H] over all heads (Figure 6), or over the heads `on`
+    ([L, H] bool: a pruned model's removed heads score 0 in both maps, which says nothing)."""
     if a.shape != b.shape:
         raise AttAttrError(f"importance maps of different shapes {tuple(a.shape)} and {tuple(b.shape)}")
     x, y = a.double().flatten(), b.double().flatten()
+    if on is not None:
+        x, y = x[on.flatten()], y[on.flatten()]
     x, y = x - x.mean(), y - y.mean()
     denom = float(x.norm() * y.norm())
     if denom == 0.0:
@@ -598,12 +601,13 @@ def plot_importance(scores: dict[str, Tensor], path: str | Path, title: str = ""
 
 
 def plot_correlation(a: Tensor, b: Tensor, path: str | Path, names: tuple[str, str] = ("A", "B"),
-                     title: str = "") -> Path:
-    """Figure 6: scatter of two importance maps, one point per head, with Pearson's r."""
+                     title: str = "", on: Tensor | None = None) -> Path:
+    """Figure 6: scatter of two importance maps, one point per head (of the heads `on`), with Pearson's r."""
     plt = _pyplot()
-    r = importance_correlation(a, b)
+    r = importance_correlation(a, b, on)
+    keep = torch.ones(a.numel(), dtype=torch.bool) if on is None else on.flatten()
     fig, ax = plt.subplots(figsize=(4.0, 4.0))
-    ax.scatter(a.flatten().numpy(), b.flatten().numpy(), s=14, alpha=0.7)
+    ax.scatter(a.flatten()[keep].numpy(), b.flatten()[keep].numpy(), s=14, alpha=0.7)
     ax.set_xlabel(f"importance on {names[0]}")
     ax.set_ylabel(f"importance on {names[1]}")
     ax.set_title(title or f"Pearson r = {r:.3f}")

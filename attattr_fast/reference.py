@@ -122,7 +122,7 @@ def attribute(
     dtype, top_k = as_dtype(dtype), int(top_k)
     meta = adapter_for(model)  # only for the model's sizes
     if isinstance(model, EncoderAdapter):  # the reference runs the model's own forward, which has no head gates
-        if not torch.equal(model.head_gates.cpu().float(), model.present_heads.cpu().float()):
+        if not torch.equal(model.gates_in_effect, model.present_heads.float()):
             raise AttAttrError("the reference runs the model's own forward, which has no head gates: prune the "
                                "gated heads (pruning.prune_heads) and pass the pruned model")  # fmt: skip
         model = model.model

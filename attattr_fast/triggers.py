@@ -558,7 +558,11 @@ def extract(
     marker = piece_marker(tokenizer)
     options = dict(n_steps=n_steps, method=method, dtype=dtype, backend=backend)
 
-    heads_on = (aa.adapter.head_gates != 0).cpu()  # [L, H]: release mode never picks a head that is off
+    heads_on = aa.adapter.gates_in_effect != 0  # [L, H]: release mode never picks a head that is off
+    chosen = [layer for layer in (range(aa.adapter.n_layers) if layers is None else layers)
+              if isinstance(layer, int) and 0 <= layer < aa.adapter.n_layers]  # bad layers: attribute says why
+    if mode == "release" and chosen and not bool(heads_on[chosen].any()):
+        raise AttAttrError("every head of the attributed layers is gated off or pruned; choose other layers")
     found: list[Pattern] = []
     reruns: dict[int, list[tuple[int, int, int, list[bool]]]] = {}  # layer → (example, target, head, blocked)
     records = attribute_corpus(aa, corpus, [None] * len(examples), batch_size=batch_size, top_k=0,
@@ -941,13 +945,6 @@ def evaluate(
     clean = [tokenized.example(b) for b in range(len(examples))]
     special_ids = structural_special_ids(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    before = predict(model, clean, pad_id, batch_size)
-    baseline = attack_metrics(gold, before, before, -1, n_classes)["accuracy"]
-
-    def run(pattern: Pattern) -> Tensor:
-        inserted = [insert_trigger(ids, types, pattern, special_ids, max_length) for ids, types in clean]
-        return predict(model, [(x.token_ids, x.token_types) for x in inserted], pad_id, batch_size)
-
     triggers = [(c, rank, p) for c in range(n_classes) for rank, p in enumerate(patterns.top(c, top_k), 1)]
     for c in range(n_classes):
         if len(patterns.top(c, top_k)) < top_k:
@@ -956,6 +953,12 @@ def evaluate(
     if not triggers:
         raise AttAttrError("the patterns file has no insertable pattern to evaluate")
     _check_segments(triggers, clean, special_ids, labels)
+    before = predict(model, clean, pad_id, batch_size)
+    baseline = attack_metrics(gold, before, before, -1, n_classes)["accuracy"]
+
+    def run(pattern: Pattern) -> Tensor:
+        inserted = [insert_trigger(ids, types, pattern, special_ids, max_length) for ids, types in clean]
+        return predict(model, [(x.token_ids, x.token_types) for x in inserted], pad_id, batch_size)
     vocabulary = control_vocabulary(tokenizer) if control_draws else []
     generator = torch.Generator().manual_seed(seed)
     rows: list[TriggerRow] = []

@@ -266,6 +266,9 @@ def test_importance_correlation_is_pearson():
     assert heads.importance_correlation(a, b) == pytest.approx(expected, rel=1e-9)
     with pytest.raises(AttAttrError, match="constant"):
         heads.importance_correlation(torch.ones(2, 2), a[:2, :2])
+    on = torch.rand(4, 6, generator=g) > 0.3  # the heads a pruned model has
+    expected = np.corrcoef(a[on].numpy(), b[on].numpy())[0, 1]
+    assert heads.importance_correlation(a, b, on) == pytest.approx(expected, rel=1e-9)
 
 
 @pytest.mark.parametrize("kwargs, message", [

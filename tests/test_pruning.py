@@ -126,11 +126,26 @@ def test_an_unevenly_pruned_model_goes_through_every_attributing_command(capsys,
     stored = load_results(results)
     assert len(stored) == 12 and stored[0].attributions.shape[1] == 4
     assert stored[0].attributions[1].abs().max() == 0 and stored[0].attention[UNEQUAL == 0].abs().max() == 0
+    capsys.readouterr()
+    header, *rows = data.read_text().splitlines()
+    other = tmp_path / "other.tsv"
+    other.write_text("\n".join([header, *rows[::-1]]) + "\n")  # its first 8 examples are others than data's
     assert main(["heads", "--model", str(path), "--input", str(data), "--kinds", "taylor,attention", "--out",
-                 str(tmp_path / "heads.json")]) == 0, capsys.readouterr().err  # fmt: skip
+                 str(tmp_path / "heads.json"), "--compare-input", str(other), "--max-examples", "8"]) == 0, \
+        capsys.readouterr().err  # fmt: skip
     scores = json.loads((tmp_path / "heads.json").read_text())
     for kind in ("taylor", "attention"):
         assert torch.tensor(scores["scores"][kind])[UNEQUAL == 0].abs().max() == 0
+        # Pearson r over the 6 heads the model has: the removed heads' zeros in both maps say nothing
+        a, b = torch.tensor(scores["scores"][kind]), torch.tensor(scores["compare"]["scores"][kind])
+        on = UNEQUAL.bool()
+        expected = float(torch.corrcoef(torch.stack([a[on], b[on]]).double())[0, 1])
+        assert scores["compare"]["pearson"][kind] == pytest.approx(expected, rel=1e-9)
+        assert expected != pytest.approx(float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]).double())[0, 1]))
+    printed = capsys.readouterr().out
+    assert "  L1          -         -         -         -" in printed  # layer 1 has no heads left
+    tops = [line for line in printed.splitlines() if line.startswith("  top: ")]
+    assert tops and not any(f"L{layer}H{h}" in line for line in tops for layer, h in (UNEQUAL == 0).nonzero().tolist())
     assert main(["prune", "--model", str(path), "--input", str(data), "--importance-examples", "6", "--kinds",
                  "taylor", "--fractions", "0,1", "--fraction", "0.5", "--by", "taylor", "--json",
                  str(tmp_path / "prune.json"), "--save", str(tmp_path / "again"), "--timing-repeats", "1"]) == 0, \
@@ -178,6 +193,12 @@ def test_a_pruned_models_removed_heads_stay_off_and_rank_last():
     adapter.head_gates = torch.ones(3, 4)
     torch.testing.assert_close(adapter.forward(ids, mask, types), _own_logits(pruned, ids, mask, types),
                                rtol=0, atol=ADAPTER_ATOL)  # fmt: skip
+    # what runs, ranks or counts heads reads the gates in effect, not the gates as set
+    assert torch.equal(adapter.gates_in_effect, UNEQUAL)
+    ref = reference.attribute(adapter, ids, mask, types, n_steps=2, dtype=torch.float64)  # every head it has is on
+    assert ref.attributions.transpose(0, 2)[UNEQUAL.T == 0].abs().max() == 0
+    curves = heads.pruning_curves(adapter, {"taylor": torch.rand(3, 4)}, ids, labels, mask, types, fractions=(0, 1))
+    assert curves["heads_gated"] == [6, 12]  # the 6 removed heads are off from the start (gates as set: 0, 12)
     for kind in heads.KINDS:
         scores = heads.head_importance(pruned, ids, labels, mask, types, kind=kind, n_steps=2)
         assert scores[UNEQUAL == 0].abs().max() == 0, kind

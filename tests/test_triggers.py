@@ -352,7 +352,7 @@ def test_control_vocabulary_excludes_special_and_placeholder_tokens(tiny):
     assert structural_special_ids(tokenizer) == set(tokenizer.convert_tokens_to_ids(["[CLS]", "[SEP]", "[PAD]"]))
 
 
-def test_evaluate_refuses_unlabelled_examples_and_foreign_patterns(tiny):
+def test_evaluate_refuses_unlabelled_examples_and_foreign_patterns(tiny, monkeypatch):
     model, tokenizer = tiny
     pattern = make_pattern([12], [0], [0.5], [2], label=0)  # token string "t12" is not token 12 here
     patterns = Extraction(labels=["negative", "positive"], patterns={0: [pattern]}, n_examples=1, n_without_pattern=0)
@@ -371,6 +371,7 @@ def test_evaluate_refuses_unlabelled_examples_and_foreign_patterns(tiny):
     pair = Pattern(label=0, token_ids=tuple(ids), tokens=("awful", "plot"), segments=(0, 1), rel_positions=(0.5, 0.5),
                    special=(False, False), positions=(2, 6), score=1.0, source=0)  # fmt: skip
     from_pairs = Extraction(labels=["negative", "positive"], patterns={0: [pair]}, n_examples=1, n_without_pattern=0)
+    monkeypatch.setattr("attattr_fast.triggers.predict", lambda *a, **k: pytest.fail("predicted before refusing"))
     with pytest.raises(AttAttrError, match=r"trigger 1 of class negative \('awful plot'\) has tokens in segment 2, "
                                            r"but example 0 has 1 segment\(s\)"):  # fmt: skip
         evaluate(model, tokenizer, _examples(), from_pairs, progress=False)
@@ -451,12 +452,18 @@ def test_extract_release_mode_reruns_one_layer_and_matches_brute_force(tiny, mon
             assert {(e.layer, e.head) for e in pattern.entries} == {(head // n_heads, head % n_heads)}
 
 
-def test_extract_rejects_bad_options(tiny):
+def test_extract_rejects_bad_options(tiny, monkeypatch):
     model, tokenizer = tiny
     for kwargs, message in [({"mode": "fast"}, "unknown mode"), ({"entries": 0}, "entries"),
                             ({"max_tokens": 5}, "max_tokens"), ({"rank_by": "x"}, "ranking")]:  # fmt: skip
         with pytest.raises(AttAttrError, match=message):
             extract(model, tokenizer, _examples(), progress=False, **kwargs)
+    aa = AttentionAttribution(model)
+    aa.adapter.head_gates[1] = 0.0
+    calls = _spy(monkeypatch)
+    with pytest.raises(AttAttrError, match="every head of the attributed layers is gated off"):
+        extract(aa, tokenizer, _examples(), mode="release", layers=[1], progress=False)
+    assert calls == []  # refused before any attribution
 
 
 # ------------------------------------------------------------------------------------------------- CLI

@@ -106,13 +106,16 @@ def compute_importance(model, data, kinds: list[str], args, progress: bool = Tru
     return scores
 
 
-def print_scores(scores: dict, top: int = 5) -> None:
+def print_scores(scores: dict, on, top: int = 5) -> None:
+    """Each map, a pruned model's removed heads (not `on`) shown as "-" and left out of the top heads."""
     for kind, s in scores.items():
         n_layers, n_heads = s.shape
         print(f"{kind} importance [layer × head]:")
         for layer in range(n_layers):
-            print(f"  L{layer:<2} " + " ".join(f"{float(v):+.3g}".rjust(9) for v in s[layer]))
-        best = s.flatten().argsort(descending=True)[:top].tolist()
+            print(f"  L{layer:<2} " + " ".join((f"{float(v):+.3g}" if kept else "-").rjust(9)
+                                               for v, kept in zip(s[layer], on[layer])))  # fmt: skip
+        ranked = s.flatten().argsort(descending=True).tolist()
+        best = [i for i in ranked if on.flatten()[i]][:top]
         print("  top: " + ", ".join(f"L{i // n_heads}H{i % n_heads} {float(s.flatten()[i]):+.3g}" for i in best))
 
 
@@ -121,6 +124,7 @@ def _max_examples(value: str | None) -> int | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from attattr_fast.adapters import adapter_for
     from attattr_fast.heads import importance_correlation, plot_correlation, plot_importance
     from attattr_fast.results import atomic_write_bytes
 
@@ -139,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
         other, other_source = load_labelled(args.compare_input, args.compare_task or args.task, model, tokenizer,
                                             max_examples)  # fmt: skip
     scores = compute_importance(model, data, kinds, args)
-    print_scores(scores)
+    on = adapter_for(model).present_heads  # a pruned model's removed heads score 0, which says nothing
+    print_scores(scores, on)
     report = {"model": args.model or "builtin:minilm-sentiment", "input": source, "n_examples": len(data),
               "steps": int(args.steps), "method": args.method, "normalize": args.normalize,
               "scores": {k: v.tolist() for k, v in scores.items()}}  # fmt: skip
@@ -147,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
         other_scores = compute_importance(model, other, kinds, args)
         report["compare"] = {"input": other_source, "n_examples": len(other),
                              "scores": {k: v.tolist() for k, v in other_scores.items()},
-                             "pearson": {k: importance_correlation(scores[k], other_scores[k]) for k in kinds}}
+                             "pearson": {k: importance_correlation(scores[k], other_scores[k], on) for k in kinds}}
         for kind, r in report["compare"]["pearson"].items():
             print(f"Pearson r ({kind}), {source} vs {other_source}: {r:.4f}")
     if out is not None:
@@ -160,6 +165,6 @@ def run(args: argparse.Namespace) -> int:
         kind = kinds[0]
         plot_correlation(scores[kind], other_scores[kind], scatter,
                          names=(Path(source).name, Path(other_source).name),
-                         title=f"{kind} importance, Pearson r = {report['compare']['pearson'][kind]:.3f}")
+                         title=f"{kind} importance, Pearson r = {report['compare']['pearson'][kind]:.3f}", on=on)
         print(f"wrote {scatter}", file=sys.stderr)
     return 0
