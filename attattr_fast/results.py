@@ -376,7 +376,7 @@ def open_run_directory(directory: str | Path, meta: dict[str, Any], plan: list[l
             raise
         return {}, lock
 
-    if not (directory / MANIFEST).is_file():
+    if not (directory / MANIFEST).is_file() and not _has_commits(directory):
         if any(_SHARD_FILE.match(p.name) for p in directory.iterdir()):
             raise AttAttrError(f"{directory} holds shards but no {MANIFEST}: the settings that made them are lost, "
                                "so they cannot be checked against this run; move them aside or choose a new "
@@ -390,7 +390,7 @@ def open_run_directory(directory: str | Path, meta: dict[str, Any], plan: list[l
         if not repair:
             raise
         settings = _read_settings(directory, exc)
-        log.warning("repair: %s is corrupt (%s); rebuilding it from %s and the shards' commits",
+        log.warning("repair: %s is %s; rebuilding it from %s and the shards' commits",
                     directory / MANIFEST, exc.why, SETTINGS)  # fmt: skip
         old = {**settings, "shards": []}
     if settings.get("format_version") != FORMAT_VERSION:
@@ -445,7 +445,7 @@ def _read_settings(directory: Path, damage: CorruptManifest) -> dict[str, Any]:
         settings = False
     if not isinstance(settings, dict) or settings.get("format") != FORMAT:
         what = "missing" if settings is None else "damaged too"
-        raise AttAttrError(f"{directory / MANIFEST} is corrupt ({damage.why}) and {SETTINGS}, the other record of "
+        raise AttAttrError(f"{directory / MANIFEST} is {damage.why} and {SETTINGS}, the other record of "
                            f"the run's settings, is {what}: the shards cannot be checked against this run; choose "
                            "a new output directory")  # fmt: skip
     return settings
@@ -522,18 +522,20 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     if not Path(directory).is_dir():
         raise AttAttrError(f"results directory not found: {directory}")
     if not path.is_file():
+        if _has_commits(Path(directory)):  # finished shards whose manifest was lost
+            raise CorruptManifest(path, "missing")
         raise AttAttrError(f"{directory} is not a results directory (no {MANIFEST})")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CorruptManifest(path, "not valid JSON") from None
+        raise CorruptManifest(path, "corrupt (not valid JSON)") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or "shards" not in manifest:
-        if any(Path(directory).glob(f"shard-*{COMMIT_SUFFIX}")):  # our shards: the manifest is what is damaged
-            raise CorruptManifest(path, "not an attattr-fast manifest")
+        if _has_commits(Path(directory)):  # our shards: the manifest is what is damaged
+            raise CorruptManifest(path, "corrupt (not an attattr-fast manifest)")
         raise AttAttrError(f"{path} is not an attattr-fast manifest")
     shards = manifest["shards"]
     if not isinstance(shards, list) or not all(_well_formed(entry) for entry in shards):
-        raise CorruptManifest(path, "its list of shards is malformed")
+        raise CorruptManifest(path, "corrupt (its list of shards is malformed)")
     return manifest
 
 
@@ -541,17 +543,21 @@ class CorruptManifest(AttAttrError):
     """A damaged manifest.json; `open_run_directory(repair=True)` rebuilds it from the shards' commits."""
 
     def __init__(self, path: Path, why: str):
-        super().__init__(f"{path} is corrupt ({why}); rerun the attribute command that wrote it, with --repair, "
+        super().__init__(f"{path} is {why}; rerun the attribute command that wrote it, with --repair, "
                          "to rebuild it from the finished shards")  # fmt: skip
         self.why = why
+
+
+def _has_commits(directory: Path) -> bool:
+    return any(directory.glob(f"shard-*{COMMIT_SUFFIX}"))
 
 
 def _well_formed(entry: Any) -> bool:
     """A shard entry as `write_shard` makes it: name, n, indices (non-negative) and increasing line offsets inside
     the .jsonl file, sizes and sha256 per file."""
-    def ints(value, low=0):
-        return (isinstance(value, list)
-                and all(isinstance(v, int) and not isinstance(v, bool) and v >= low for v in value))  # fmt: skip
+    def ints(value):  # non-negative
+        return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                               for v in value)  # fmt: skip
 
     if not (isinstance(entry, dict) and isinstance(entry.get("name"), str) and _SHARD_NAME.match(entry["name"])
             and ints(entry.get("indices")) and ints(entry.get("offsets"))

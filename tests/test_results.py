@@ -456,9 +456,20 @@ def test_shards_without_a_manifest_are_named_not_mistaken_for_a_stranger(tmp_pat
     out = tmp_path / "res"
     _finished(out)
     (out / "manifest.json").unlink()
+    message = "manifest.json is missing; rerun the attribute command that wrote it, with --repair, to rebuild it"
+    for read in (load_results, lambda d: open_run_directory(d, META, PLAN)):
+        with pytest.raises(AttAttrError, match=message):
+            read(out)
+    assert (out / "shard-00000.safetensors").exists()  # refusing changes nothing
+    commits, lock = open_run_directory(out, META, PLAN, repair=True)  # settings.json vouches for the shards
+    lock.release()
+    assert sorted(commits) == ["shard-00000", "shard-00001", "shard-00002"]
+    # shard files without any commit and no manifest: nothing says what they are
+    for path in out.iterdir():
+        if path.name.endswith(COMMIT_SUFFIX) or path.name == "manifest.json":
+            path.unlink()
     with pytest.raises(AttAttrError, match="holds shards but no manifest.json: the settings that made them are lost"):
         open_run_directory(out, META, PLAN)
-    assert (out / "shard-00000.safetensors").exists()  # refusing changes nothing
 
 
 def test_duplicate_or_missing_examples_are_refused_not_lost(tmp_path):
