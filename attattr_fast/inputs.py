@@ -58,6 +58,9 @@ def as_dtype(dtype):
     return dtype
 
 
+MAX_TOP_K = 4096  # strongest interactions kept per layer: each result holds that many entries per layer and example
+
+
 def check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise AttAttrError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -78,8 +81,8 @@ def check_options(
                            "torch.float16 (or their names)")
     if internal_batch_size is not None and (not is_integer(internal_batch_size) or internal_batch_size < 1):
         raise AttAttrError(f"internal_batch_size must be a positive integer, got {internal_batch_size!r}")
-    if not is_integer(top_k) or top_k < 0:
-        raise AttAttrError(f"top_k must be a non-negative integer, got {top_k!r}")
+    if not is_integer(top_k) or not 0 <= top_k <= MAX_TOP_K:
+        raise AttAttrError(f"top_k must be an integer in 0..{MAX_TOP_K}, got {top_k!r}")
     return alphas, weights
 
 

@@ -365,16 +365,7 @@ def open_run_directory(directory: str | Path, meta: dict[str, Any], plan: list[l
     # empty, or left so by a run killed while it wrote its first manifest (the lock, settings, temporary files)
     if not directory.exists() or all(p.name in (LOCK, SETTINGS) or _TMP_FILE.match(p.name)
                                      for p in directory.iterdir()):  # fmt: skip
-        directory.mkdir(parents=True, exist_ok=True)
-        lock = DirectoryLock(directory)
-        try:
-            _remove_leftovers(directory, set())
-            atomic_write_bytes(directory / SETTINGS, json.dumps(_run_header(meta), indent=1).encode("utf-8"))
-            write_manifest(directory, meta, plan, {}, complete=False)
-        except BaseException:
-            lock.release()
-            raise
-        return {}, lock
+        return _start(directory, meta, plan)
 
     if not (directory / MANIFEST).is_file() and not _has_commits(directory):
         if any(_SHARD_FILE.match(p.name) for p in directory.iterdir()):
@@ -396,7 +387,14 @@ def open_run_directory(directory: str | Path, meta: dict[str, Any], plan: list[l
     if settings.get("format_version") != FORMAT_VERSION:
         raise AttAttrError(f"{directory} was written in results format {settings.get('format_version')}, this "
                            f"version writes format {FORMAT_VERSION}; choose a new output directory")  # fmt: skip
-    check_same_run(directory, settings, meta)
+    try:
+        check_same_run(directory, settings, meta)
+    except AttAttrError:
+        # a run that failed or was stopped before finishing any shard leaves nothing to keep: no reason to refuse
+        if old["shards"] or any(_SHARD_FILE.match(p.name) for p in directory.iterdir()):
+            raise
+        log.warning("%s: its earlier run, with other settings, finished no shard; starting afresh", directory)
+        return _start(directory, meta, plan)
     lock = DirectoryLock(directory)
     try:
         commits, problems = read_commits(directory)
@@ -425,6 +423,21 @@ def open_run_directory(directory: str | Path, meta: dict[str, Any], plan: list[l
         lock.release()
         raise
     return commits, lock
+
+
+def _start(directory: Path, meta: dict[str, Any], plan: list[list[int]]) -> tuple[dict, DirectoryLock]:
+    """A new run in `directory` (made if missing; holding at most a lock, settings and temporary files, or a
+    manifest without shards): settings.json, then the first manifest."""
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = DirectoryLock(directory)
+    try:
+        _remove_leftovers(directory, set())
+        atomic_write_bytes(directory / SETTINGS, json.dumps(_run_header(meta), indent=1).encode("utf-8"))
+        write_manifest(directory, meta, plan, {}, complete=False)
+    except BaseException:
+        lock.release()
+        raise
+    return {}, lock
 
 
 def _run_header(meta: dict[str, Any]) -> dict[str, Any]:

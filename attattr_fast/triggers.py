@@ -486,6 +486,9 @@ def _md(text: str) -> str:
     return "`" + text.replace("`", "'").replace("|", "\\|") + "`"
 
 
+MAX_CONTROL_DRAWS = 1000  # random controls per trigger: each is a pass over every example
+
+
 def _check_int(value, name: str, lo: int, hi: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
         bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
@@ -918,7 +921,7 @@ def evaluate(
     from attattr_fast.text import model_max_length, tokenize
 
     _check_int(top_k, "top_k", 1)
-    _check_int(control_draws, "control_draws", 0)
+    _check_int(control_draws, "control_draws", 0, MAX_CONTROL_DRAWS)
     _check_int(batch_size, "batch_size", 1)
     if not examples:
         raise AttAttrError("no examples to evaluate on")

@@ -533,6 +533,7 @@ def test_confident_predictions_of_a_trained_model_equal_the_reference(builtin):
     (dict(layers=[0.5]), "integer layer indices"),
     (dict(dtype="int8"), "unsupported dtype 'int8'"),
     (dict(n_steps=5000), "more than 1024"),
+    (dict(top_k=10**20), "top_k must be an integer in 0..4096"),
 ])  # fmt: skip
 @pytest.mark.parametrize("implementation", ["engine", "reference"])
 def test_bad_arguments_raise_one_line_errors(kwargs, message, implementation):

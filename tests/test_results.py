@@ -495,6 +495,7 @@ def test_resume_refusal_names_the_tokenization_and_the_resolved_targets(tmp_path
     meta = {**META, "input": {"sha256": "bb", "encoded_sha256": "e1", "n_examples": 5}, "target": "gold",
             "targets_sha256": "t1"}  # fmt: skip
     _, lock = open_run_directory(out, meta, PLAN)
+    write_shard(out, "shard-00000", [make_record(i, 4) for i in PLAN[0]])  # a finished shard worth keeping
     lock.release()
     retokenized = {**meta, "input": {**meta["input"], "encoded_sha256": "e2"}}
     with pytest.raises(AttAttrError, match=r"tokenized sha256 e1, 5 examples\) there, .*tokenized sha256 e2"):
@@ -504,6 +505,18 @@ def test_resume_refusal_names_the_tokenization_and_the_resolved_targets(tmp_path
         open_run_directory(out, {**meta, "target": "negative", "targets_sha256": "t2"}, PLAN)
     _, lock = open_run_directory(out, {**meta, "target": "1"}, PLAN)  # another name for the same targets
     lock.release()
+
+
+def test_a_directory_whose_run_finished_no_shard_takes_a_run_with_other_settings(tmp_path, caplog):
+    out = tmp_path / "res"
+    _, lock = open_run_directory(out, META, PLAN)  # then the run failed before its first shard
+    lock.release()
+    other = {**META, "n_steps": 7}
+    with caplog.at_level(logging.WARNING):
+        commits, lock = open_run_directory(out, other, PLAN)
+    lock.release()
+    assert commits == {} and "finished no shard; starting afresh" in caplog.text
+    assert read_manifest(out)["n_steps"] == 7 and json.loads((out / "settings.json").read_text())["n_steps"] == 7
 
 
 def test_bfloat16_fields_of_a_hand_made_record_are_stored_as_float32(tmp_path):

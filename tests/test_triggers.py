@@ -497,6 +497,8 @@ def test_cli_extract_then_evaluate(tiny_model_dir, tmp_path, capsys, monkeypatch
     (["extract", "--input", "builtin:sentiment", "--out", "{tmp}/missing/o.json"], "does not exist"),
     (["evaluate", "--patterns", "{tmp}/none.json", "--input", "builtin:sentiment", "--out", "{tmp}/o.json"],
      "not found"),
+    (["evaluate", "--patterns", "{tmp}/none.json", "--input", "builtin:sentiment", "--control-draws", "100000000",
+      "--out", "{tmp}/o.json"], "--control-draws must be in 0..1000"),
 ])  # fmt: skip
 def test_cli_errors_are_one_line_and_write_nothing(tmp_path, capsys, args, message):
     rc = cli_main(["triggers", *[a.format(tmp=tmp_path) for a in args]])

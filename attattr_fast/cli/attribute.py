@@ -108,11 +108,11 @@ def run(args: argparse.Namespace) -> int:
     from attattr_fast import distributed
     from attattr_fast.api import AttentionAttribution
 
-    n_steps = common.parse_positive_int(args.steps, "--steps")
+    n_steps = common.parse_steps(args.steps)
     method = common.parse_method(args.method)
     dtype = common.parse_dtype(args.dtype)
     batch_size = None if args.batch_size == "auto" else common.parse_positive_int(args.batch_size, "--batch-size")
-    top = common.parse_positive_int(args.top, "--top")
+    top = common.parse_top(args.top)
     if args.out is None:
         stored_only = [name for name, value in (("--shard-size", args.shard_size), ("--store-dtype", args.store_dtype),
                                                 ("--repair", args.repair or None)) if value is not None]

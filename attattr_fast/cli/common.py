@@ -49,6 +49,27 @@ def parse_positive_int(value: str, name: str) -> int:
     return number
 
 
+def parse_steps(value: str) -> int:
+    """--steps: a positive integer up to `quadrature.MAX_STEPS`, checked before any work."""
+    from attattr_fast.quadrature import MAX_STEPS
+
+    steps = parse_positive_int(value, "--steps")
+    if steps > MAX_STEPS:
+        raise AttAttrError(f"--steps {steps} is more than {MAX_STEPS}, which no float32 result needs "
+                           "(Gauss–Legendre converges within 64 nodes)")  # fmt: skip
+    return steps
+
+
+def parse_top(value: str) -> int:
+    """--top: how many strongest interactions per layer, at most `inputs.MAX_TOP_K`."""
+    from attattr_fast.inputs import MAX_TOP_K
+
+    top = parse_positive_int(value, "--top")
+    if top > MAX_TOP_K:
+        raise AttAttrError(f"--top {top} is more than {MAX_TOP_K}; every record keeps that many entries per layer")
+    return top
+
+
 IMAGE_FORMATS = ("png", "svg", "pdf")
 
 

@@ -183,7 +183,7 @@ def _from_text(args, per_head: bool) -> dict:
 
     if not args.text.strip():
         raise AttAttrError("--text is empty")
-    steps = common.parse_positive_int(args.steps or "20", "--steps")
+    steps = common.parse_steps(args.steps or "20")
     quadrature = args.quadrature or "riemann_right"
     if quadrature not in QUADRATURE:
         raise AttAttrError(f"--quadrature: unknown rule {quadrature!r}; choose one of {', '.join(QUADRATURE)}")

@@ -86,7 +86,7 @@ def load_labelled(path: str | None, task: str, model, tokenizer, max_examples: i
 
 def importance_options(args) -> dict:
     """`head_importance`'s options from the command line, checked (before any model or data is loaded)."""
-    return {"n_steps": common.parse_positive_int(args.steps, "--steps"), "method": common.parse_method(args.method),
+    return {"n_steps": common.parse_steps(args.steps), "method": common.parse_method(args.method),
             "batch_size": common.parse_positive_int(args.batch_size, "--batch-size"),
             "normalize": args.normalize}
 

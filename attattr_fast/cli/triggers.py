@@ -109,7 +109,7 @@ def run_extract(args: argparse.Namespace) -> int:
     if max_tokens > 4:
         raise AttAttrError(f"--max-tokens must be 1 to 4 (patterns have fewer than 5 tokens), got {max_tokens}")
     show = common.parse_positive_int(args.show, "--show")
-    n_steps = common.parse_positive_int(args.steps, "--steps")
+    n_steps = common.parse_steps(args.steps)
     method = common.parse_method(args.method)
     dtype = common.parse_dtype(args.dtype)
     batch_size = common.parse_positive_int(args.batch_size, "--batch-size")
@@ -140,7 +140,7 @@ def run_extract(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from attattr_fast.triggers import evaluate, load_patterns
+    from attattr_fast.triggers import MAX_CONTROL_DRAWS, evaluate, load_patterns
 
     top = common.parse_positive_int(args.top, "--top")
     try:
@@ -148,8 +148,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     except ValueError:
         raise AttAttrError("--control-draws must be an integer") from None
     seed = common.parse_seed(args.seed)
-    if draws < 0:
-        raise AttAttrError(f"--control-draws must be 0 or more, got {draws}")
+    if not 0 <= draws <= MAX_CONTROL_DRAWS:
+        raise AttAttrError(f"--control-draws must be in 0..{MAX_CONTROL_DRAWS}, got {draws}")
     batch_size = common.parse_positive_int(args.batch_size, "--batch-size")
     device = common.parse_device(args.device)
     out = common.check_output_path(args.out, "--out")
