@@ -177,6 +177,7 @@ class AttentionAttribution:
 
         with engine.phase("collect"):
             delta = out.attr_sum - (out.prob.unsqueeze(1) - out.baseline)
+            _check_finite(out.prob, delta)
             top = top_interactions(out.layer_attr, key_mask.to(result_device).unsqueeze(1), top_k) if top_k else None
         result = AttributionResult(
             attributions=out.attributions,
@@ -204,6 +205,19 @@ def _warn_half_precision_rows_on_cpu(dtype: torch.dtype) -> None:
     log.warning("%s rows on the CPU are slower than float32 (PyTorch's CPU products in half precision: a BERT-base "
                 "call took about 40x as long on an AVX2 CPU) and less accurate; on a CPU keep float32, the default",
                 str(dtype).removeprefix("torch."))
+
+
+def _check_finite(prob: Tensor, delta: Tensor) -> None:
+    """A NaN or infinite score is an error, never a result: from the model's own output (broken weights), or
+    from the attribution (a half-precision row dtype that overflowed)."""
+    broken = ~torch.isfinite(prob)
+    if bool(broken.any()):
+        raise AttAttrError(f"the model's output for example {int(broken.nonzero()[0])} is not finite (NaN or inf): "
+                           "its weights are broken (a fine-tuning run that diverged?)")  # fmt: skip
+    broken = ~torch.isfinite(delta).all(dim=1)
+    if bool(broken.any()):
+        raise AttAttrError(f"the attribution of example {int(broken.nonzero()[0])} is not finite (NaN or inf) "
+                           "though the model's output is; a half-precision dtype may overflow: try float32")
 
 
 class _Collector:

@@ -147,23 +147,26 @@ def finetune(
         model.train()
         order = torch.randperm(len(train), generator=generator)
         loss_sum, correct, seen = 0.0, 0, 0
-        bar = tqdm(total=len(train), desc=f"epoch {epoch}/{config.epochs}", unit="ex", disable=not progress)
-        for idx in torch.split(order, config.batch_size):
-            batch = train.subset(idx)
-            logits = _logits(model, batch)
-            labels = batch.labels.to(logits.device)
-            loss = F.cross_entropy(logits.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-            optimizer.step()
-            schedule.step()
-            loss_sum += loss.item() * len(idx)
-            correct += int((logits.argmax(-1) == labels).sum())
-            seen += len(idx)
-            bar.update(len(idx))
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
-        bar.close()
+        with tqdm(total=len(train), desc=f"epoch {epoch}/{config.epochs}", unit="ex", disable=not progress) as bar:
+            for idx in torch.split(order, config.batch_size):
+                batch = train.subset(idx)
+                logits = _logits(model, batch)
+                labels = batch.labels.to(logits.device)
+                loss = F.cross_entropy(logits.float(), labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimizer.step()
+                schedule.step()
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    raise AttAttrError(f"training diverged in epoch {epoch}: the loss is {loss_value}; lower the "
+                                       "learning rate")  # fmt: skip
+                loss_sum += loss_value * len(idx)
+                correct += int((logits.argmax(-1) == labels).sum())
+                seen += len(idx)
+                bar.update(len(idx))
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
         model.eval()
         report = EpochReport(epoch, loss_sum / seen, correct / seen,
                              None if held_out is None else evaluate(model, held_out))  # fmt: skip
@@ -173,4 +176,8 @@ def finetune(
     model.eval()
     for p, flag in zip(model.parameters(), trainable):
         p.requires_grad_(flag)
+    with torch.no_grad():  # weights blown up by the last steps give NaN logits with a finite last loss
+        if not bool(torch.isfinite(_logits(model, train.subset(torch.arange(min(len(train), 8))))).all()):
+            raise AttAttrError("training diverged: the trained model's outputs are not finite; lower the "
+                               "learning rate")  # fmt: skip
     return reports

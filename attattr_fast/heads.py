@@ -260,6 +260,9 @@ def head_importance(
         "attention": _attention_scores,
     }[kind](adapter, input_ids, labels, key_mask, types, batch_size=batch_size, n_steps=n_steps, method=method,
             progress=progress, backend=backend)  # fmt: skip
+    if not bool(torch.isfinite(scores).all()):
+        raise AttAttrError(f"the {kind} importance is not finite (NaN or inf): the model's outputs or gradients "
+                           "are; its weights may be broken (a fine-tuning run that diverged?)")  # fmt: skip
     return normalize_scores(scores.float().cpu(), normalize)
 
 

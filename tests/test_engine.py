@@ -444,6 +444,19 @@ def test_the_reference_takes_an_ungated_adapter_and_refuses_gates_it_cannot_run(
         reference.attribute(aa.adapter, ids, mask, types, n_steps=2)
 
 
+def test_non_finite_scores_are_an_error_not_a_result():
+    from attattr_fast import heads
+
+    model = tiny_classifier("bert", layers=2)
+    ids, mask, types = padded_batch(model, [5, 4])
+    with torch.no_grad():
+        model.bert.encoder.layer[1].output.dense.weight[0, 0] = float("nan")  # broken weights
+    with pytest.raises(AttAttrError, match="the model's output for example 0 is not finite"):
+        AttentionAttribution(model).attribute(ids, mask, types, n_steps=2, backend="torch")
+    with pytest.raises(AttAttrError, match="the taylor importance is not finite"):
+        heads.head_importance(model, ids, torch.tensor([0, 1]), mask, types, kind="taylor")
+
+
 def test_explicit_target_matches_reference():
     model = tiny_classifier("bert", layers=2)
     ids, mask, types = padded_batch(model, [5, 4])

@@ -167,3 +167,13 @@ def test_finetune_cli_errors_are_one_line_and_write_nothing(capsys, tmp_path, ti
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["bad.tsv", "full", "train.tsv"]
 
+
+
+def test_a_diverging_run_is_an_error_and_saves_nothing(capsys, tmp_path, tiny_model_dir):
+    train = _sst2_file(tmp_path / "train.tsv", 8)
+    out = tmp_path / "tuned"
+    code = main(["finetune", "--model", str(tiny_model_dir), "--train", str(train), "--task", "sst2", "--out",
+                 str(out), "--lr", "1e10"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "training diverged" in err[-1] and err[-1].startswith("attattr-fast: error:"), err
+    assert not out.exists()
