@@ -607,12 +607,11 @@ def plot_correlation(a: Tensor, b: Tensor, path: str | Path, names: tuple[str, s
                      title: str = "", on: Tensor | None = None) -> Path:
     """Figure 6: scatter of two importance maps, one point per head (of the heads `on`), with Pearson's r."""
     plt = _pyplot()
-    r = importance_correlation(a, b, on)
     keep = torch.ones(a.numel(), dtype=torch.bool) if on is None else on.flatten()
     fig, ax = plt.subplots(figsize=(4.0, 4.0))
     ax.scatter(a.flatten()[keep].numpy(), b.flatten()[keep].numpy(), s=14, alpha=0.7)
     ax.set_xlabel(f"importance on {names[0]}")
     ax.set_ylabel(f"importance on {names[1]}")
-    ax.set_title(title or f"Pearson r = {r:.3f}")
+    ax.set_title(title or f"Pearson r = {importance_correlation(a, b, on):.3f}")
     ax.grid(alpha=0.3)
     return _save_figure(fig, path)

@@ -177,3 +177,20 @@ def test_a_diverging_run_is_an_error_and_saves_nothing(capsys, tmp_path, tiny_mo
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "training diverged" in err[-1] and err[-1].startswith("attattr-fast: error:"), err
     assert not out.exists()
+
+
+def test_a_multi_label_checkpoint_is_fine_tuned_into_a_model_every_command_takes(capsys, tmp_path, tiny_model_dir):
+    from transformers import AutoConfig
+
+    from attattr_fast.adapters import adapter_for
+    from attattr_fast.models import save_classifier
+
+    model, tokenizer = load_classifier(tiny_model_dir)
+    model.config.problem_type = "multi_label_classification"
+    source = save_classifier(model, tokenizer, tmp_path / "multi")
+    out = tmp_path / "tuned"
+    code = main(["finetune", "--model", str(source), "--train", str(_sst2_file(tmp_path / "train.tsv", 8)),
+                 "--task", "sst2", "--out", str(out), "--epochs", "1"])  # fmt: skip
+    assert code == 0 and "configured for multi_label_classification" in capsys.readouterr().err
+    assert AutoConfig.from_pretrained(out).problem_type == "single_label_classification"
+    adapter_for(load_classifier(out)[0])  # attributable: no "configured for" refusal

@@ -337,6 +337,27 @@ def test_heads_cli_writes_the_api_scores(capsys, tmp_path, tiny_model_dir):
     assert plot.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_heads_cli_reports_an_undefined_correlation_and_keeps_every_score(capsys, tmp_path, tiny_model_dir,
+                                                                         monkeypatch):
+    original = heads.head_importance
+
+    def constant_attention(model, *args, kind, **kwargs):  # a constant map, as accuracy drops of 0 everywhere give
+        scores = original(model, *args, kind=kind, **kwargs)
+        return torch.zeros_like(scores) if kind == "attention" else scores
+
+    monkeypatch.setattr(heads, "head_importance", constant_attention)
+    data = _labelled_tsv(tmp_path / "data.tsv")
+    out, scatter = tmp_path / "heads.json", tmp_path / "scatter.png"
+    code = main(["heads", "--model", str(tiny_model_dir), "--input", str(data), "--kinds", "attention,taylor",
+                 "--out", str(out), "--compare-input", str(data), "--scatter", str(scatter)])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "Pearson r (attention), " in captured.out and "undefined (an importance map is constant)" in captured.out
+    report = json.loads(out.read_text())
+    assert report["compare"]["pearson"] == {"attention": None, "taylor": pytest.approx(1.0)}
+    assert scatter.read_bytes()[:4] == b"\x89PNG"
+
+
 def test_heads_cli_normalize_taylor_normalises_the_taylor_scores_only(capsys, tmp_path, tiny_model_dir):
     from attattr_fast.cli.heads import load_labelled
     from attattr_fast.models import load_classifier

@@ -87,6 +87,10 @@ def run(args: argparse.Namespace) -> int:
     labels, names = _in_the_heads_order(model.config, labels, names)
     model.config.id2label = dict(enumerate(names))
     model.config.label2id = {name: i for i, name in enumerate(names)}
+    if getattr(model.config, "problem_type", None) not in (None, "single_label_classification"):
+        print(f"attattr-fast: note: {source} is configured for {model.config.problem_type}; fine-tuning trains "
+              "single-label classification (one softmax), and the saved model says so", file=sys.stderr)  # fmt: skip
+    model.config.problem_type = "single_label_classification"  # what the cross-entropy below trains
     model.to(device)
     limit = model_max_length(tokenizer, adapters.max_length(model))
     if config.max_length > limit:

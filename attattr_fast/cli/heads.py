@@ -150,11 +150,19 @@ def run(args: argparse.Namespace) -> int:
               "scores": {k: v.tolist() for k, v in scores.items()}}  # fmt: skip
     if other is not None:
         other_scores = compute_importance(model, other, kinds, args)
+
+        def pearson(kind: str) -> float | None:  # None: a constant map has no correlation
+            try:
+                return importance_correlation(scores[kind], other_scores[kind], on)
+            except AttAttrError:
+                return None
+
         report["compare"] = {"input": other_source, "n_examples": len(other),
                              "scores": {k: v.tolist() for k, v in other_scores.items()},
-                             "pearson": {k: importance_correlation(scores[k], other_scores[k], on) for k in kinds}}
+                             "pearson": {k: pearson(k) for k in kinds}}  # fmt: skip
         for kind, r in report["compare"]["pearson"].items():
-            print(f"Pearson r ({kind}), {source} vs {other_source}: {r:.4f}")
+            shown = "undefined (an importance map is constant)" if r is None else f"{r:.4f}"
+            print(f"Pearson r ({kind}), {source} vs {other_source}: {shown}")
     if out is not None:
         atomic_write_bytes(out, (json.dumps(report, indent=1) + "\n").encode())
         print(f"wrote {out}", file=sys.stderr)
@@ -163,8 +171,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {plot}", file=sys.stderr)
     if scatter is not None:
         kind = kinds[0]
+        r = report["compare"]["pearson"][kind]
         plot_correlation(scores[kind], other_scores[kind], scatter,
                          names=(Path(source).name, Path(other_source).name),
-                         title=f"{kind} importance, Pearson r = {report['compare']['pearson'][kind]:.3f}", on=on)
+                         title=f"{kind} importance, Pearson r = {'undefined' if r is None else f'{r:.3f}'}", on=on)
         print(f"wrote {scatter}", file=sys.stderr)
     return 0
