@@ -605,7 +605,11 @@ class Results(Sequence):
         listed_by = {entry["name"]: self.dir / MANIFEST for entry in self.manifest["shards"]}
         if not self.complete:  # a running or interrupted run refreshes its manifest only now and then
             shards = {entry["name"]: entry for entry in self.manifest["shards"]}
-            for name, entry in read_commits(self.dir)[0].items():  # every shard with a commit is finished
+            commits, unreadable = read_commits(self.dir)
+            for why in sorted(unreadable.values()):
+                log.warning("%s: %s, so its examples are left out; rerun the attribute command that wrote it, "
+                            "with --repair, to recompute them", self.dir, why)  # fmt: skip
+            for name, entry in commits.items():  # every shard with a commit is finished
                 if name not in shards:  # the manifest's entry, where it has one, is a copy of the commit
                     shards[name] = entry
                     listed_by[name] = self.dir / f"{name}{COMMIT_SUFFIX}"

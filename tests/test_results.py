@@ -380,7 +380,8 @@ def test_a_commit_for_a_shard_the_run_does_not_have_is_damage_that_repair_remove
     assert not list(out.glob("shard-00009*"))
 
 
-def test_an_incomplete_run_reads_the_manifests_entry_over_a_damaged_commit_and_names_a_bad_commit(tmp_path):
+def test_an_incomplete_run_reads_the_manifests_entry_over_a_damaged_commit_and_names_a_bad_commit(tmp_path,
+                                                                                                  caplog):
     out = tmp_path / "res"
     _, lock = open_run_directory(out, META, PLAN)
     from attattr_fast.results import write_manifest
@@ -396,6 +397,10 @@ def test_an_incomplete_run_reads_the_manifests_entry_over_a_damaged_commit_and_n
     (out / f"shard-00001{COMMIT_SUFFIX}").write_text(json.dumps({**second, "indices": [1, 3]}))
     with pytest.raises(AttAttrError, match=r"shard-00001.commit.json is corrupt \(example 1 is in two places\)"):
         load_results(out)
+    (out / f"shard-00001{COMMIT_SUFFIX}").write_text("{")  # unreadable: its examples are left out, and said so
+    with caplog.at_level(logging.WARNING):
+        assert [r.index for r in load_results(out)] == [0, 1]
+    assert "shard-00001.commit.json is unreadable, so its examples are left out" in caplog.text
 
 
 @pytest.mark.parametrize("damage, why", [
