@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from attattr_fast.errors import AttAttrError
+from attattr_fast.errors import AttAttrError, require_file
 
 COLUMNS = ("text", "text_pair", "label")  # the columns read; any others are ignored
 
@@ -50,8 +50,7 @@ def _csv_fields_of_any_size():
 def read_examples(path: str | Path) -> list[Example]:
     """Examples from a .tsv, .csv or .jsonl file (format by extension; .txt = one text per line)."""
     path = Path(path)
-    if not path.is_file():
-        raise AttAttrError(f"input file not found: {path}")
+    require_file(path, "input file")
     suffix = path.suffix.lower()
     try:
         if suffix in (".tsv", ".csv"):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from attattr_fast.datasets import Example, read_examples
-from attattr_fast.errors import AttAttrError
+from attattr_fast.errors import AttAttrError, require_file
 
 
 @dataclass(frozen=True)
@@ -85,8 +85,7 @@ def task_spec(task: str) -> TaskSpec:
 
 
 def _read_rows(path: Path) -> list[list[str]]:
-    if not path.is_file():
-        raise AttAttrError(f"input file not found: {path}")
+    require_file(path, "input file")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:

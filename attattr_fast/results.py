@@ -533,6 +533,8 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     """The parsed manifest.json of a results directory (AttAttrError if absent or not one)."""
     path = Path(directory) / MANIFEST
     if not Path(directory).is_dir():
+        if Path(directory).exists():
+            raise AttAttrError(f"{directory} is a file, not a results directory")
         raise AttAttrError(f"results directory not found: {directory}")
     if not path.is_file():
         if _has_commits(Path(directory)):  # finished shards whose manifest was lost

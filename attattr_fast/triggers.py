@@ -60,7 +60,7 @@ import torch
 from torch import Tensor
 
 from attattr_fast.datasets import Example, label_index
-from attattr_fast.errors import AttAttrError
+from attattr_fast.errors import AttAttrError, require_file
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +178,7 @@ def blocked_positions(
 def read_lexicon(path: str | Path) -> set[str]:
     """Words to exclude, one per line (blank lines and lines starting with # are ignored), lower-cased."""
     path = Path(path)
-    if not path.is_file():
-        raise AttAttrError(f"lexicon file not found: {path}")
+    require_file(path, "lexicon file")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
@@ -473,8 +472,7 @@ def save_patterns(extraction: Extraction, path: str | Path) -> None:
 def load_patterns(path: str | Path) -> Extraction:
     """Read a file written by `save_patterns`."""
     path = Path(path)
-    if not path.is_file():
-        raise AttAttrError(f"triggers file not found: {path}")
+    require_file(path, "triggers file")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import attattr_fast
-from attattr_fast import AttentionAttribution, load_classifier, load_results
+from attattr_fast import AttAttrError, AttentionAttribution, load_classifier, load_results
 from attattr_fast.cli import main
 
 
@@ -309,6 +309,12 @@ def test_a_target_other_than_the_prediction_is_marked(capsys, tiny_model_dir):
     # an empty path would be the working directory: written into, or read as results
     (["attribute", "--text", "good", "--out", ""], "--out is empty"),
     (["graph", "--results", " ", "--out", "g.json"], "--results is empty"),
+    # a directory where a file is read
+    (["triggers", "extract", "--input", "IN", "--exclude-words", ".", "--out", "p2.json"],
+     "--exclude-words . is a directory; it takes a file"),
+    (["triggers", "evaluate", "--patterns", "RES", "--input", "IN", "--out", "x.json"], "--patterns RES is a dir"),
+    (["attribute", "--input", "RES"], "--input RES is a directory; it takes a file"),
+    (["graph", "--results", "IN", "--out", "g.json"], "IN is a file, not a results directory"),
     (["triggers", "evaluate", "--patterns", "", "--input", "IN", "--out", "x.json"], "--patterns is empty"),
 ])  # fmt: skip
 def test_an_output_that_would_overwrite_an_input_or_output_is_refused(capsys, tmp_path, monkeypatch, argv, message):
@@ -344,3 +350,15 @@ def test_every_subcommand_declares_the_paths_it_reads_and_writes():
         assert {"reads", "writes"} <= set(defaults), parser.prog
         dests = {a.dest for a in parser._actions}
         assert set(defaults["reads"]) | set(defaults["writes"]) <= dests, parser.prog
+
+
+def test_readers_name_a_directory_given_for_a_file(tmp_path):
+    from attattr_fast.datasets import read_examples
+    from attattr_fast.glue import read_task
+    from attattr_fast.triggers import load_patterns, read_lexicon
+
+    for read in (read_examples, lambda p: read_task(p, "sst2"), load_patterns, read_lexicon):
+        with pytest.raises(AttAttrError, match=f"{tmp_path} is a directory, not a file"):
+            read(tmp_path)
+        with pytest.raises(AttAttrError, match="not found"):
+            read(tmp_path / "missing.tsv")

@@ -97,6 +97,9 @@ def check_output_path(value: str | None, option: str, directory: bool = False, i
     return path
 
 
+DIRECTORY_READS = ("results",)  # the inputs that are directories; every other one is a file
+
+
 def check_paths_apart(args, reads: tuple[str, ...], writes: tuple[str, ...]) -> None:
     """Refuse an empty path (it would mean the working directory), and an output (the options `writes`, by argparse
     dest) that is an input (`reads`), another output, or inside a directory read: writing it would destroy what
@@ -108,6 +111,8 @@ def check_paths_apart(args, reads: tuple[str, ...], writes: tuple[str, ...]) -> 
         value = getattr(args, dest, None)
         if isinstance(value, str) and not value.strip():
             raise AttAttrError(f"{option(dest)} is empty; name a path")
+        if dest in reads and dest not in DIRECTORY_READS and value and Path(value).is_dir():
+            raise AttAttrError(f"{option(dest)} {value} is a directory; it takes a file")
 
     # as the writers take them: a "~" the shell left alone is a folder of that name, not the home directory
     read = {Path(value).resolve(): dest for dest in reads if (value := getattr(args, dest, None))}
