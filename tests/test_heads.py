@@ -410,3 +410,19 @@ def test_heads_cli_errors_are_one_line_and_write_nothing(capsys, tmp_path, tiny_
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_heads_cli_writes_all_its_outputs_or_none(capsys, tmp_path, tiny_model_dir, monkeypatch):
+    import errno
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(heads, "plot_importance", full_disk)  # the JSON is written first, then the plot fails
+    data = _labelled_tsv(tmp_path / "data.tsv")
+    out, plot = tmp_path / "heads.json", tmp_path / "heads.png"
+    code = main(["heads", "--model", str(tiny_model_dir), "--input", str(data), "--kinds", "attention", "--out",
+                 str(out), "--plot", str(plot)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "No space left on device" in err and "wrote" not in err
+    assert not out.exists() and not plot.exists()

@@ -100,6 +100,34 @@ def check_output_path(value: str | None, option: str, directory: bool = False, i
 DIRECTORY_READS = ("results",)  # the inputs that are directories; every other one is a file
 
 
+class Outputs:
+    """The outputs a command writes, all or none: in `with Outputs() as outputs:`, each one written is registered
+    with `outputs.wrote(path)`; if a later step fails (a full disk, say), those are removed again. The "wrote …"
+    lines are printed once every write succeeded."""
+
+    def __enter__(self) -> Outputs:
+        self.written: list[tuple[Path, str]] = []
+        return self
+
+    def wrote(self, path: Path, message: str | None = None, quiet: bool = False) -> None:
+        """`path` is written; `message` (default "wrote PATH") is printed at the end unless `quiet`."""
+        self.written.append((Path(path), "" if quiet else message or f"wrote {path}"))
+
+    def __exit__(self, kind, exc, traceback) -> bool:
+        import shutil
+        import sys
+
+        for path, message in self.written:
+            if kind is None:
+                if message:
+                    print(message, file=sys.stderr)
+            elif path.is_dir():  # a directory this command made (a saved model: it must be new or empty)
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        return False
+
+
 def check_paths_apart(args, reads: tuple[str, ...], writes: tuple[str, ...]) -> None:
     """Refuse an empty path (it would mean the working directory), and an output (the options `writes`, by argparse
     dest) that is an input (`reads`), another output, or inside a directory read: writing it would destroy what

@@ -163,17 +163,19 @@ def run(args: argparse.Namespace) -> int:
         for kind, r in report["compare"]["pearson"].items():
             shown = "undefined (an importance map is constant)" if r is None else f"{r:.4f}"
             print(f"Pearson r ({kind}), {source} vs {other_source}: {shown}")
-    if out is not None:
-        atomic_write_bytes(out, (json.dumps(report, indent=1) + "\n").encode())
-        print(f"wrote {out}", file=sys.stderr)
-    if plot is not None:
-        plot_importance(scores, plot, title=f"head importance, {len(data)} examples of {Path(source).name}")
-        print(f"wrote {plot}", file=sys.stderr)
-    if scatter is not None:
-        kind = kinds[0]
-        r = report["compare"]["pearson"][kind]
-        plot_correlation(scores[kind], other_scores[kind], scatter,
-                         names=(Path(source).name, Path(other_source).name),
-                         title=f"{kind} importance, Pearson r = {'undefined' if r is None else f'{r:.3f}'}", on=on)
-        print(f"wrote {scatter}", file=sys.stderr)
+    with common.Outputs() as outputs:
+        if out is not None:
+            atomic_write_bytes(out, (json.dumps(report, indent=1) + "\n").encode())
+            outputs.wrote(out)
+        if plot is not None:
+            plot_importance(scores, plot, title=f"head importance, {len(data)} examples of {Path(source).name}")
+            outputs.wrote(plot)
+        if scatter is not None:
+            kind = kinds[0]
+            r = report["compare"]["pearson"][kind]
+            plot_correlation(scores[kind], other_scores[kind], scatter,
+                             names=(Path(source).name, Path(other_source).name),
+                             title=f"{kind} importance, Pearson r = {'undefined' if r is None else f'{r:.3f}'}",
+                             on=on)  # fmt: skip
+            outputs.wrote(scatter)
     return 0

@@ -191,19 +191,21 @@ def run(args: argparse.Namespace) -> int:
               f"{len(eval_data)} examples on {device}: {1e3 * timing['original_s']:.1f} ms → "
               f"{1e3 * timing['pruned_s']:.1f} ms (speed-up {timing['speedup']:.2f}×)")  # fmt: skip
 
-    if save is not None:
-        save_classifier(pruned, tokenizer, save, extra_files={"pruning.json": json.dumps(report["pruned"], indent=1)})
-        print(f"wrote the pruned model to {save}", file=sys.stderr)
-    if out_json is not None:
-        atomic_write_bytes(out_json, (json.dumps(report, indent=1) + "\n").encode())
-        print(f"wrote {out_json}", file=sys.stderr)
-    if plot is not None:
-        heads.plot_pruning_curves(curves, plot, title=f"Pruning heads: {Path(args.model or BUILTIN_NAME).name}, "
-                                                      f"held-out {Path(eval_source).name}")
-        print(f"wrote {plot}", file=sys.stderr)
-    if layer_kinds:
-        heads.plot_layer_effectiveness(report["layer_effectiveness"], layer_plot, metric=args.layer_metric)
-        print(f"wrote {layer_plot}", file=sys.stderr)
+    with common.Outputs() as outputs:
+        if save is not None:
+            save_classifier(pruned, tokenizer, save,
+                            extra_files={"pruning.json": json.dumps(report["pruned"], indent=1)})  # fmt: skip
+            outputs.wrote(save, f"wrote the pruned model to {save}")
+        if out_json is not None:
+            atomic_write_bytes(out_json, (json.dumps(report, indent=1) + "\n").encode())
+            outputs.wrote(out_json)
+        if plot is not None:
+            heads.plot_pruning_curves(curves, plot, title=f"Pruning heads: {Path(args.model or BUILTIN_NAME).name}, "
+                                                          f"held-out {Path(eval_source).name}")
+            outputs.wrote(plot)
+        if layer_kinds:
+            heads.plot_layer_effectiveness(report["layer_effectiveness"], layer_plot, metric=args.layer_metric)
+            outputs.wrote(layer_plot)
     return 0
 
 

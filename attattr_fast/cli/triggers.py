@@ -130,9 +130,12 @@ def run_extract(args: argparse.Namespace) -> int:
                               exclude_words_file=args.exclude_words)  # fmt: skip
     table = extraction.markdown(show)
     payload = json.dumps(extraction.to_dict(), indent=1, ensure_ascii=False) + "\n"
-    _write(out, payload)
-    if markdown_out is not None:
-        _write(markdown_out, table + "\n")
+    with common.Outputs() as outputs:
+        _write(out, payload)
+        outputs.wrote(out, quiet=True)  # named below
+        if markdown_out is not None:
+            _write(markdown_out, table + "\n")
+            outputs.wrote(markdown_out)
     print(table)
     print(f"{extraction.n_examples} examples, {extraction.n_without_pattern} without a pattern; "
           f"wrote {out}", file=sys.stderr)  # fmt: skip
@@ -163,9 +166,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
     result.options.update(model=args.model or "builtin:minilm-sentiment", input=args.input, slice=args.slice,
                           patterns=str(Path(args.patterns).resolve()), extraction=patterns.options)  # fmt: skip
     table = result.markdown()
-    _write(out, json.dumps(result.to_dict(), indent=1, ensure_ascii=False) + "\n")
-    if markdown_out is not None:
-        _write(markdown_out, table + "\n")
+    with common.Outputs() as outputs:
+        _write(out, json.dumps(result.to_dict(), indent=1, ensure_ascii=False) + "\n")
+        outputs.wrote(out, quiet=True)  # named below
+        if markdown_out is not None:
+            _write(markdown_out, table + "\n")
+            outputs.wrote(markdown_out)
     print(table)
     print(f"wrote {out}", file=sys.stderr)
     return 0
