@@ -1,6 +1,7 @@
 """Reading labelled examples: the generic TSV (with a header) / CSV / JSONL format, or plain text.
 
-Columns: `text` (required), `text_pair` (optional), `label` (optional; a label name or an index). A TSV field is
+Columns: `text` (required), `text_pair` (optional; blank = no pair), `label` (optional; a label name or an index). A
+TSV field is
 taken as it stands (no quoting, as in GLUE's files: a text may begin with a quote); a .txt file holds one text per
 line.
 """
@@ -117,7 +118,7 @@ def read_examples(path: str | Path) -> list[Example]:
         examples.append(
             Example(
                 text=str(text),
-                text_pair=str(pair) if pair not in (None, "") else None,
+                text_pair=pair if pair is not None and pair.strip() else None,  # blank: a single sentence
                 label=str(label) if label not in (None, "") else None,
             )
         )

@@ -96,9 +96,14 @@ def tokenize(
         # error names the first bad example, as one example at a time would
         bad = next(((i, why) for i in range(begin, end) if (why := _text_problem(i, texts[i], pairs[i]))), None)
         batch = range(begin, end if bad is None else bad[0])
+        paired = [i for i in batch if pairs[i] is not None]
+        pair_pieces = tokenizer([pairs[i] for i in paired], add_special_tokens=False)["input_ids"] if paired else []
+        tokenless_pairs = {i for i, pieces in zip(paired, pair_pieces) if not pieces}
         for i, (full, segments) in zip(batch, _tokenize_batch(tokenizer, texts, pairs, batch)):
             if len(full) <= tokenizer.num_special_tokens_to_add(pair=pairs[i] is not None):
                 raise AttAttrError(f"example {i}: the text has no tokens (only invisible characters?)")
+            if i in tokenless_pairs:
+                raise AttAttrError(f"example {i}: the text pair has no tokens (only invisible characters?)")
             too_long = len(full) > max_length
             if too_long:
                 if not truncate:

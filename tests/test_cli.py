@@ -127,6 +127,7 @@ def test_input_builtin_sentiment(capsys, tmp_path, tiny_model_dir):
     (["--text", "good", "--text-pair", "a", "--text-pair", "b"], "one --text-pair per --text"),
     (["--text", "good", "--text-pair", "   "], "--text-pair 1 is empty"),
     (["--text", "\u200b"], "has no tokens"),
+    (["--text", "good", "--text-pair", "\u200b"], "example 0: the text pair has no tokens"),
     (["--input", "DATA", "--text-pair", "bad"], "--text-pair goes with --text"),
     (["--text", "good", "--device", "meta"], "is not supported; use cpu, cuda"),
 ])  # fmt: skip
@@ -362,3 +363,11 @@ def test_readers_name_a_directory_given_for_a_file(tmp_path):
             read(tmp_path)
         with pytest.raises(AttAttrError, match="not found"):
             read(tmp_path / "missing.tsv")
+
+
+def test_a_blank_text_pair_field_is_a_single_sentence(tmp_path):
+    from attattr_fast.datasets import read_examples
+
+    path = tmp_path / "mixed.tsv"
+    path.write_text("text\ttext_pair\tlabel\ngood\t\tpositive\nfine\t   \tpositive\nok\tthen\tnegative\n")
+    assert [e.text_pair for e in read_examples(path)] == [None, None, "then"]
