@@ -245,6 +245,8 @@ def save_classifier(model: torch.nn.Module, tokenizer, path: str | os.PathLike,
         tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
+        for file in tmp.rglob("*"):  # some writers make private temporary files; share them as the directory is
+            file.chmod(0o755 if file.is_dir() else 0o644)
         if path.exists():
             path.rmdir()
         tmp.rename(path)

@@ -265,6 +265,10 @@ class Pattern:
                 raise ValueError("its per-token lists differ in length")
             if any(r is None and not special for r, special in zip(pattern.rel_positions, pattern.special)):
                 raise ValueError("a token that is not special has no relative position")
+            if any(r is not None and not 0.0 <= r < 1.0 for r in pattern.rel_positions):
+                raise ValueError("a relative position is outside [0, 1)")
+            if any(s < 0 for s in pattern.segments):
+                raise ValueError("a segment number is negative")
         except (KeyError, TypeError, ValueError) as exc:
             raise AttAttrError(f"malformed pattern ({exc.__class__.__name__}: {exc})") from None
         return pattern
@@ -441,6 +445,9 @@ class Extraction:
     def from_dict(cls, data: Any) -> Extraction:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise AttAttrError("not an attattr-fast triggers file (missing format marker)")
+        if data.get("format_version") != FORMAT_VERSION:
+            raise AttAttrError(f"a triggers file of format version {data.get('format_version')}; this version reads "
+                               f"format {FORMAT_VERSION}: extract the patterns again")  # fmt: skip
         try:
             patterns = {int(k): [Pattern.from_dict(p) for p in v] for k, v in data["patterns"].items()}
             return cls(labels=[str(x) for x in data["labels"]], patterns=patterns,

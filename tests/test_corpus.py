@@ -643,7 +643,8 @@ def test_progress_bar_and_summary(tmp_path, corpus_file, tiny_model_dir, capsys)
 @pytest.mark.parametrize("args, message", [
     (["--shard-size", "0"], "--shard-size must be a positive integer"),
     (["--memory-budget", "lots"], "--memory-budget: cannot parse 'lots'"),
-    (["--memory-budget", "0GiB"], "--memory-budget must be positive"),
+    (["--memory-budget", "0GiB"], "--memory-budget 0GiB is less than 1MiB"),
+    (["--memory-budget", "1"], "--memory-budget 1 is less than 1MiB"),
     (["--batch-size", "-1"], "--batch-size must be a positive integer"),
     (["--repair"], None),
 ])  # fmt: skip

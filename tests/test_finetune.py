@@ -116,6 +116,7 @@ def test_finetune_cli_saves_a_loadable_model(capsys, tmp_path, tiny_model_dir):
     assert log["config"]["weight_decay"] == 0.01 and log["config"]["max_length"] == 128
     model, tokenizer = load_classifier(out)
     assert model.config.id2label == {0: "negative", 1: "positive"}
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}["model.safetensors"] == 0o644  # not private
     data = _encoded(model, tokenizer, dev)
     assert evaluate(model, data) == log["epochs"][-1]["eval_accuracy"]
     assert f"held-out accuracy {100 * log['epochs'][-1]['eval_accuracy']:.1f}%" in stdout.splitlines()[-1]
@@ -147,6 +148,7 @@ def test_finetune_cli_keeps_the_class_order_of_a_head_it_keeps(capsys, tmp_path,
     (["--seed", str(2**64)], "--seed must be an integer"),
     (["--labels", "0,1"], "sst2 has its own label names"),
     (["--task", "generic", "--train", "ONE_CLASS"], "needs at least 2 labels"),
+    (["--task", "generic", "--train", "ONE_CLASS", "--labels", " , "], "--labels is empty"),
 ])  # fmt: skip
 def test_finetune_cli_errors_are_one_line_and_write_nothing(capsys, tmp_path, tiny_model_dir, args, message):
     train = _sst2_file(tmp_path / "train.tsv", 8)

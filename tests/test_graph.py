@@ -647,6 +647,9 @@ def test_cli_other_mistakes(hand_results, tmp_path, capsys):
     _fails(capsys, "--results", lower, "--receptive-field", "--out", tmp_path / "f.json", match="all 6 layers")
     unknown = _results_dir(tmp_path / "unknown", np.zeros((2, 3, 3)), ["[CLS]", "x", "[SEP]"], sep_token=None)
     _fails(capsys, "--results", unknown, "--out", out, out=out, match="does not record")
+    negative = _results_dir(tmp_path / "negative", np.zeros((2, 3, 3)), ["[CLS]", "x", "[SEP]"], model_layers=-3)
+    _fails(capsys, "--results", negative, "--out", out, out=out, match="does not record")
+    _fails(capsys, "--results", hand_results, "--device", "cpu", "--out", out, out=out, match="--device goes with")
 
 
 def test_graphs_from_result_needs_every_layer_of_the_model():

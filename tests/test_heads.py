@@ -397,6 +397,8 @@ def test_single_class_subset_is_warned_about(capsys, tmp_path, tiny_model_dir):
     (["--kinds", "attattr,magic"], "--kinds: unknown kind 'magic'"),
     (["--steps", "0"], "--steps must be a positive integer"),
     (["--scatter", "x.png"], "--scatter needs --compare-input"),
+    (["--compare-task", "sst2"], "--compare-task goes with --compare-input"),
+    (["--out", "scores.png"], "--out scores.png is the JSON of the scores; name the picture with --plot"),
     (["--task", "sst9", "--input", "DATA"], "unknown task 'sst9'"),
     (["--input", "MISSING"], "input file not found"),
     (["--task", "sst2"], "needs an input file"),

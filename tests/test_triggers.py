@@ -200,12 +200,17 @@ def test_patterns_file_round_trip(tmp_path):
     # hand-edited per-token lists must still describe the same tokens
     saved = json.loads((tmp_path / "p.json").read_text())
     for field, value, message in (("positions", [0, 1, 5, 9], "differ in length"),
-                                  ("rel_positions", [None, None, 0.25], "no relative position")):
+                                  ("rel_positions", [None, None, 0.25], "no relative position"),
+                                  ("rel_positions", [None, 5.0, 6.0], r"outside \[0, 1\)"),
+                                  ("segments", [0, -1, 0], "segment number is negative")):
         edited = copy.deepcopy(saved)
         edited["patterns"]["1"][0][field] = value
         (tmp_path / "edited.json").write_text(json.dumps(edited))
         with pytest.raises(AttAttrError, match=f"^malformed triggers file: malformed pattern .*{message}"):
             load_patterns(tmp_path / "edited.json")
+    (tmp_path / "future.json").write_text(json.dumps({**saved, "format_version": 9}))
+    with pytest.raises(AttAttrError, match="format version 9; this version reads format 1"):
+        load_patterns(tmp_path / "future.json")
 
 
 # ------------------------------------------------------------------------------------------- insertion

@@ -70,8 +70,8 @@ def parse_size(value: str, name: str) -> int | None:
     if unit not in _UNITS:
         raise AttAttrError(f"{name}: cannot parse {value!r}; use e.g. 512MiB, 2GiB or auto")
     size = int(float(match.group(1)) * _UNITS[unit])
-    if size < 1:
-        raise AttAttrError(f"{name} must be positive, got {value!r}")
+    if size < 2**20:
+        raise AttAttrError(f"{name} {value} is less than 1MiB, too little for one example; use e.g. 512MiB or auto")
     return size
 
 

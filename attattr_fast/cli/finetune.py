@@ -75,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
     if args.labels is not None and args.task != "generic":
         raise AttAttrError(f"--labels orders the classes of generic data; {args.task} has its own label names")
     given = None if args.labels is None else [x.strip() for x in args.labels.split(",") if x.strip()]
+    if given == []:
+        raise AttAttrError("--labels is empty; leave it out to sort the labels")
     labels, names = label_set(train_data, given)
     if len(labels) < 2:
         raise AttAttrError(f"{args.train}: a classifier needs at least 2 labels, the data has only {', '.join(labels)}")

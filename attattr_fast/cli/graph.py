@@ -83,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     if args.text is None:  # the results directory fixes the model, the target and the quadrature
         given = [name for name, value in (("--text-pair", args.text_pair), ("--model", args.model),
                                           ("--steps", args.steps), ("--quadrature", args.quadrature),
-                                          ("--target", args.target)) if value is not None]  # fmt: skip
+                                          ("--target", args.target), ("--device", args.device))
+                 if value is not None]  # fmt: skip
         if given:
             raise AttAttrError(f"{given[0]} goes with --text; --results draws what the results directory holds")
     options = _options(args)
@@ -140,7 +141,8 @@ def _ranges(indices: list[int], most: int = 6) -> str:
 def _model_facts(results, directory: str) -> tuple[int, str]:
     """(encoder layers, separator token) of the model that wrote `results`, from its manifest."""
     model = results.manifest.get("model")
-    if not isinstance(model, dict) or not isinstance(model.get("n_layers"), int) or not model.get("sep_token"):
+    layers = model.get("n_layers") if isinstance(model, dict) else None
+    if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1 or not model.get("sep_token"):
         raise AttAttrError(f"{directory}: the manifest does not record the model's layer count and separator "
                            "token (written by an older attattr-fast); attribute again to draw graphs")
     return model["n_layers"], model["sep_token"]

@@ -134,6 +134,10 @@ def run(args: argparse.Namespace) -> int:
     plot, scatter = (common.check_output_path(getattr(args, o), f"--{o}", image=True) for o in ("plot", "scatter"))
     if scatter is not None and args.compare_input is None:
         raise AttAttrError("--scatter needs --compare-input")
+    if args.compare_task is not None and args.compare_input is None:
+        raise AttAttrError("--compare-task goes with --compare-input, the file it reads")
+    if out is not None and out.suffix.lower().lstrip(".") in common.IMAGE_FORMATS:
+        raise AttAttrError(f"--out {out} is the JSON of the scores; name the picture with --plot")
     max_examples = _max_examples(args.max_examples)
     device = common.parse_device(args.device)
     model, tokenizer = common.load_model(args.model, device)

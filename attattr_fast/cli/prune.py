@@ -40,11 +40,12 @@ def register(sub) -> None:
     p.add_argument("--plot", default=None, help="PNG of the pruning curves (Figure 5)")
     p.add_argument("--layer-plot", default=None,
                    help="PNG of the per-layer analysis (Figure 3): gate k heads of one layer by --layer-kinds")
-    p.add_argument("--layer-kinds", default="attattr,attention", help="scores of the per-layer analysis")
+    p.add_argument("--layer-kinds", default=None,
+                   help="scores of the per-layer analysis (default attattr,attention; needs --layer-plot)")
     p.add_argument("--layer-metric", default="accuracy", choices=("accuracy", "gold_probability"),
                    help="what --layer-plot shows (default accuracy; gold_probability: mean gold-class probability)")
     p.add_argument("--fraction", default=None, help="prune this fraction of heads physically (with --by)")
-    p.add_argument("--by", default="attattr", help="importance kind that ranks heads for --fraction")
+    p.add_argument("--by", default=None, help="importance kind that ranks heads for --fraction (default attattr)")
     p.add_argument("--save", default=None, help="directory for the pruned model (needs --fraction)")
     p.add_argument("--timing-repeats", default="10", help="timed passes of each model (default 10)")
     p.set_defaults(func=run, reads=("input", "eval_input"), writes=("json", "plot", "layer_plot", "save"))
@@ -90,13 +91,20 @@ def run(args: argparse.Namespace) -> int:
     from attattr_fast.results import atomic_write_bytes
 
     kinds = parse_kinds(args.kinds)
-    layer_kinds = parse_kinds(args.layer_kinds, "--layer-kinds") if args.layer_plot is not None else []
+    if args.layer_kinds is not None and args.layer_plot is None:
+        raise AttAttrError("--layer-kinds goes with --layer-plot, the per-layer analysis it chooses scores for")
+    layer_kinds = parse_kinds(args.layer_kinds or "attattr,attention", "--layer-kinds") if args.layer_plot else []
     importance_options(args)
     fractions = tuple(parse_fraction(f.strip(), "--fractions") for f in args.fractions.split(",") if f.strip())
     if not fractions:
         raise AttAttrError("--fractions is empty")
+    if len(set(fractions)) != len(fractions):
+        raise AttAttrError(f"--fractions: {args.fractions!r} names a fraction twice")
     seed = common.parse_seed(args.seed)
     fraction = None if args.fraction is None else parse_fraction(args.fraction, "--fraction")
+    if args.by is not None and fraction is None:
+        raise AttAttrError("--by goes with --fraction, the pruning it ranks heads for")
+    args.by = args.by or "attattr"
     if args.by not in heads.KINDS:
         raise AttAttrError(f"--by: unknown kind {args.by!r}; choose from {', '.join(heads.KINDS)}")
     if args.save is not None and fraction is None:
