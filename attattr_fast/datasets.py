@@ -68,8 +68,9 @@ def read_examples(path: str | Path) -> list[Example]:
                     extra = r.pop(None, [])  # DictReader's key for fields beyond the header
                     missing = sum(value is None for value in r.values())  # its filling for fields short of it
                     if extra or missing:
-                        raise AttAttrError(f"{path}:{reader.line_num}: {len(header) + len(extra) - missing} fields "
-                                           f"where the header has {len(header)}")
+                        found = len(header) + len(extra) - missing
+                        raise AttAttrError(f"{path}:{reader.line_num}: {found} field{'s' * (found != 1)} where the "
+                                           f"header has {len(header)}")  # fmt: skip
                     records.append(r)
         elif suffix in (".jsonl", ".json"):
             records = []

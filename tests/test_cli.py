@@ -155,7 +155,7 @@ def test_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, tiny_model_d
     ("quote.csv", 'text,label\n"unterminated,positive\n', "malformed CSV"),
     ("wide.tsv", "text\tlabel\ngood film\tpositive\textra\tfields\n", "4 fields where the header has 2"),
     ("columns.txt", "text\tlabel\nnice film\tpositive\n", "1: a tab in a .txt file"),
-    ("short.tsv", "text\ttext_pair\tlabel\ngood\tfine\tpositive\nbad film\n", "3: 1 fields where the header has 3"),
+    ("short.tsv", "text\ttext_pair\tlabel\ngood\tfine\tpositive\nbad film\n", "3: 1 field where the header has 3"),
     ("twice.tsv", "text\ttext\tlabel\nfirst\tsecond\tpositive\n", "the header names 'text' more than once"),
     ("surrogate.jsonl", '{"text": "good \\ud800 film"}\n', "example 0: not valid Unicode text"),
 ])  # fmt: skip
