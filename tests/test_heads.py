@@ -428,3 +428,7 @@ def test_heads_cli_writes_all_its_outputs_or_none(capsys, tmp_path, tiny_model_d
     err = capsys.readouterr().err
     assert code == 2 and "No space left on device" in err and "wrote" not in err
     assert not out.exists() and not plot.exists()
+    out.write_text("the user's older scores")  # a file that was there before is not removed: it holds the new scores
+    assert main(["heads", "--model", str(tiny_model_dir), "--input", str(data), "--kinds", "attention", "--out",
+                 str(out), "--plot", str(plot)]) == 2  # fmt: skip
+    assert json.loads(out.read_text())["scores"]["attention"] and not plot.exists()

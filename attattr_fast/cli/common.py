@@ -101,9 +101,13 @@ DIRECTORY_READS = ("results",)  # the inputs that are directories; every other o
 
 
 class Outputs:
-    """The outputs a command writes, all or none: in `with Outputs() as outputs:`, each one written is registered
-    with `outputs.wrote(path)`; if a later step fails (a full disk, say), those are removed again. The "wrote …"
+    """The outputs a command writes, all or none: in `with Outputs(*paths) as outputs:`, each one written is
+    registered with `outputs.wrote(path)`; if a later step fails (a full disk, say), those are removed again,
+    except the ones that existed before (a complete new version of the user's file beats none). The "wrote …"
     lines are printed once every write succeeded."""
+
+    def __init__(self, *paths: Path | None):
+        self.existed = {Path(path) for path in paths if path is not None and Path(path).exists()}
 
     def __enter__(self) -> Outputs:
         self.written: list[tuple[Path, str]] = []
@@ -121,6 +125,8 @@ class Outputs:
             if kind is None:
                 if message:
                     print(message, file=sys.stderr)
+            elif path in self.existed:
+                continue
             elif path.is_dir():  # a directory this command made (a saved model: it must be new or empty)
                 shutil.rmtree(path, ignore_errors=True)
             else:

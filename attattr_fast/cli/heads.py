@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
         for kind, r in report["compare"]["pearson"].items():
             shown = "undefined (an importance map is constant)" if r is None else f"{r:.4f}"
             print(f"Pearson r ({kind}), {source} vs {other_source}: {shown}")
-    with common.Outputs() as outputs:
+    with common.Outputs(out, plot, scatter) as outputs:
         if out is not None:
             atomic_write_bytes(out, (json.dumps(report, indent=1) + "\n").encode())
             outputs.wrote(out)

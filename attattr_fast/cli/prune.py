@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
               f"{len(eval_data)} examples on {device}: {1e3 * timing['original_s']:.1f} ms → "
               f"{1e3 * timing['pruned_s']:.1f} ms (speed-up {timing['speedup']:.2f}×)")  # fmt: skip
 
-    with common.Outputs() as outputs:
+    with common.Outputs(save, out_json, plot, layer_plot) as outputs:
         if save is not None:
             save_classifier(pruned, tokenizer, save,
                             extra_files={"pruning.json": json.dumps(report["pruned"], indent=1)})  # fmt: skip

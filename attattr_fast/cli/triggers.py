@@ -130,7 +130,7 @@ def run_extract(args: argparse.Namespace) -> int:
                               exclude_words_file=args.exclude_words)  # fmt: skip
     table = extraction.markdown(show)
     payload = json.dumps(extraction.to_dict(), indent=1, ensure_ascii=False) + "\n"
-    with common.Outputs() as outputs:
+    with common.Outputs(out, markdown_out) as outputs:
         _write(out, payload)
         outputs.wrote(out, quiet=True)  # named below
         if markdown_out is not None:
@@ -166,7 +166,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     result.options.update(model=args.model or "builtin:minilm-sentiment", input=args.input, slice=args.slice,
                           patterns=str(Path(args.patterns).resolve()), extraction=patterns.options)  # fmt: skip
     table = result.markdown()
-    with common.Outputs() as outputs:
+    with common.Outputs(out, markdown_out) as outputs:
         _write(out, json.dumps(result.to_dict(), indent=1, ensure_ascii=False) + "\n")
         outputs.wrote(out, quiet=True)  # named below
         if markdown_out is not None:
