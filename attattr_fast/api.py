@@ -11,7 +11,7 @@ from torch import Tensor
 
 from attattr_fast import engine
 from attattr_fast.adapters import EncoderAdapter, adapter_for
-from attattr_fast.errors import AttAttrError
+from attattr_fast.errors import AttAttrError, NonFiniteScores
 from attattr_fast.inputs import (
     allows_autograd,
     as_dtype,
@@ -177,7 +177,7 @@ class AttentionAttribution:
 
         with engine.phase("collect"):
             delta = out.attr_sum - (out.prob.unsqueeze(1) - out.baseline)
-            _check_finite(out.prob, delta)
+            _check_finite(out.prob, delta, row_weights.dtype)
             top = top_interactions(out.layer_attr, key_mask.to(result_device).unsqueeze(1), top_k) if top_k else None
         result = AttributionResult(
             attributions=out.attributions,
@@ -207,17 +207,18 @@ def _warn_half_precision_rows_on_cpu(dtype: torch.dtype) -> None:
                 str(dtype).removeprefix("torch."))
 
 
-def _check_finite(prob: Tensor, delta: Tensor) -> None:
+def _check_finite(prob: Tensor, delta: Tensor, rows_dtype: torch.dtype) -> None:
     """A NaN or infinite score is an error, never a result: from the model's own output (broken weights), or
     from the attribution (a half-precision row dtype that overflowed)."""
     broken = ~torch.isfinite(prob)
     if bool(broken.any()):
-        raise AttAttrError(f"the model's output for example {int(broken.nonzero()[0])} is not finite (NaN or inf): "
-                           "its weights are broken (a fine-tuning run that diverged?)")  # fmt: skip
+        raise NonFiniteScores("the model's output for {example} is not finite (NaN or inf): its weights are broken "
+                              "(a fine-tuning run that diverged?)", int(broken.nonzero()[0]))  # fmt: skip
     broken = ~torch.isfinite(delta).all(dim=1)
     if bool(broken.any()):
-        raise AttAttrError(f"the attribution of example {int(broken.nonzero()[0])} is not finite (NaN or inf) "
-                           "though the model's output is; a half-precision dtype may overflow: try float32")
+        hint = "; the half-precision rows may overflow: try float32" if rows_dtype.itemsize < 4 else ""
+        raise NonFiniteScores("the attribution of {example} is not finite (NaN or inf) though the model's output is"
+                              + hint, int(broken.nonzero()[0]))
 
 
 class _Collector:

@@ -32,7 +32,7 @@ from attattr_fast import engine, results
 from attattr_fast.api import AttentionAttribution
 from attattr_fast.datasets import Example, label_index
 from attattr_fast.distributed import DistContext, assign
-from attattr_fast.errors import AttAttrError
+from attattr_fast.errors import AttAttrError, NonFiniteScores
 from attattr_fast.inputs import as_dtype, check_options
 from attattr_fast.results import Record
 from attattr_fast.text import PADDED_FIELDS, Tokenized, model_max_length, tokenize
@@ -254,6 +254,8 @@ def iter_batches(aa: AttentionAttribution, corpus: PreparedCorpus, indices: list
                                internal_batch_size=rows, **options)
         except OUT_OF_MEMORY as exc:
             res, failed_rows = None, getattr(exc, "rows_in_chunk", None)
+        except NonFiniteScores as exc:  # named by its input position, not its place in the length-sorted batch
+            raise exc.renamed(f"example {batch[exc.position]}") from None
         if res is None:  # outside the handler, so the failed call's tensors are already freed
             if not planner.shrink(n, len(batch), failed_rows):
                 raise AttAttrError(f"out of memory on example {batch[0]} ({n} tokens) even with one row per chunk; "

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attattr_fast.adapters import EncoderAdapter, Weights, adapter_for
-from attattr_fast.errors import AttAttrError
+from attattr_fast.errors import AttAttrError, NonFiniteScores
 from attattr_fast.inputs import allows_autograd, check_options, validate_inputs
 from attattr_fast.reductions import masked_head_max
 
@@ -283,34 +283,35 @@ def _attattr_scores(adapter, input_ids, labels, key_mask, types, *, batch_size, 
     aa = AttentionAttribution(adapter)
     total = torch.zeros(adapter.n_layers, adapter.n_heads, dtype=torch.float64)
     chunks = _chunks(key_mask, batch_size)
-    bar = _progress(len(labels), "attattr importance", progress)
-    for idx, n in chunks:
-        ids, mask, tt = _take(idx, n, input_ids, key_mask, types)
-        res = aa.attribute(ids, mask.long(), tt, target=labels[idx.to(labels.device)], n_steps=n_steps, method=method,
-                           output="reduced", backend=backend)  # fmt: skip
-        total += res.head_max.double().sum(0).cpu()
-        bar.update(len(idx))
-    bar.close()
+    with _progress(len(labels), "attattr importance", progress) as bar:
+        for idx, n in chunks:
+            ids, mask, tt = _take(idx, n, input_ids, key_mask, types)
+            try:
+                res = aa.attribute(ids, mask.long(), tt, target=labels[idx.to(labels.device)], n_steps=n_steps,
+                                   method=method, output="reduced", backend=backend)  # fmt: skip
+            except NonFiniteScores as exc:  # named by its position in the input, not in the chunk
+                raise exc.renamed(f"example {int(idx[exc.position])}") from None
+            total += res.head_max.double().sum(0).cpu()
+            bar.update(len(idx))
     return total / len(labels)
 
 
 def _taylor_scores(adapter, input_ids, labels, key_mask, types, *, batch_size, progress, **_):
     w = adapter.weights()
     total = torch.zeros(adapter.n_layers, adapter.n_heads, dtype=torch.float64)
-    bar = _progress(len(labels), "taylor importance", progress)
-    for idx, n in _chunks(key_mask, batch_size):
-        ids, mask, tt = _take(idx, n, input_ids, key_mask, types)
-        with torch.enable_grad():
-            # one gate copy per example: the examples are independent, so the gradient of the summed
-            # loss with respect to copy b is example b's own gate gradient
-            xi = torch.ones(len(idx), adapter.n_layers, adapter.n_heads, device=ids.device, requires_grad=True)
-            x = adapter.embed(ids, tt, mask, w.dtype)
-            logits, _, _ = _run_layers(adapter, w, x, mask, multipliers=xi)
-            loss = F.cross_entropy(logits, labels[idx.to(labels.device)], reduction="sum")
-            (grad,) = torch.autograd.grad(loss, xi)
-        total += grad.double().abs().sum(0).cpu()
-        bar.update(len(idx))
-    bar.close()
+    with _progress(len(labels), "taylor importance", progress) as bar:
+        for idx, n in _chunks(key_mask, batch_size):
+            ids, mask, tt = _take(idx, n, input_ids, key_mask, types)
+            with torch.enable_grad():
+                # one gate copy per example: the examples are independent, so the gradient of the summed
+                # loss with respect to copy b is example b's own gate gradient
+                xi = torch.ones(len(idx), adapter.n_layers, adapter.n_heads, device=ids.device, requires_grad=True)
+                x = adapter.embed(ids, tt, mask, w.dtype)
+                logits, _, _ = _run_layers(adapter, w, x, mask, multipliers=xi)
+                loss = F.cross_entropy(logits, labels[idx.to(labels.device)], reduction="sum")
+                (grad,) = torch.autograd.grad(loss, xi)
+            total += grad.double().abs().sum(0).cpu()
+            bar.update(len(idx))
     return total / len(labels)
 
 
@@ -338,22 +339,21 @@ def _gated_accuracies(adapter: EncoderAdapter, input_ids, labels, key_mask, type
     w = adapter.weights()
     correct, gold_prob = [0] * len(layer_gates), [0.0] * len(layer_gates)
     chunks = _chunks(key_mask, batch_size)
-    bar = _progress(len(chunks) * len(layer_gates), desc, progress)
-    with torch.no_grad():
-        for idx, n in chunks:
-            ids, mask, tt = _take(idx, n, input_ids, key_mask, types)
-            gold = labels[idx.to(labels.device)]
-            x = adapter.embed(ids, tt, mask, w.dtype)
-            _, inputs, _ = _run_layers(adapter, w, x, mask, keep_inputs=True)
-            for c, (layer, gates) in enumerate(layer_gates):
-                all_gates = w.gates.clone()
-                all_gates[layer] = gates.to(all_gates)
-                logits, _, _ = _run_layers(adapter, replace(w, gates=all_gates), inputs[layer], mask, start=layer)
-                right, prob = _tally(logits, gold)
-                correct[c] += right
-                gold_prob[c] += prob
-                bar.update(1)
-    bar.close()
+    with _progress(len(chunks) * len(layer_gates), desc, progress) as bar:
+        with torch.no_grad():
+            for idx, n in chunks:
+                ids, mask, tt = _take(idx, n, input_ids, key_mask, types)
+                gold = labels[idx.to(labels.device)]
+                x = adapter.embed(ids, tt, mask, w.dtype)
+                _, inputs, _ = _run_layers(adapter, w, x, mask, keep_inputs=True)
+                for c, (layer, gates) in enumerate(layer_gates):
+                    all_gates = w.gates.clone()
+                    all_gates[layer] = gates.to(all_gates)
+                    logits, _, _ = _run_layers(adapter, replace(w, gates=all_gates), inputs[layer], mask, start=layer)
+                    right, prob = _tally(logits, gold)
+                    correct[c] += right
+                    gold_prob[c] += prob
+                    bar.update(1)
     return [(c / len(labels), p / len(labels)) for c, p in zip(correct, gold_prob)]
 
 
@@ -411,17 +411,16 @@ def pruning_curves(
     on = own_gates != 0
     counts = [int((gates_for_fraction(own_gates, f, on) == 0).sum()) for f in fractions]
     acc, prob = {}, {}
-    bar = _progress(len(importance) * len(fractions), "pruning curves", progress)
-    for kind, scores in importance.items():
-        _checked_gates(adapter, scores)
-        acc[kind], prob[kind] = [], []
-        for fraction in fractions:
-            gates = gates_for_fraction(scores, fraction, on) * own_gates
-            a, p = evaluate_gates(adapter, input_ids, labels, attention_mask, token_type_ids, gates, batch_size)
-            acc[kind].append(a)
-            prob[kind].append(p)
-            bar.update(1)
-    bar.close()
+    with _progress(len(importance) * len(fractions), "pruning curves", progress) as bar:
+        for kind, scores in importance.items():
+            _checked_gates(adapter, scores)
+            acc[kind], prob[kind] = [], []
+            for fraction in fractions:
+                gates = gates_for_fraction(scores, fraction, on) * own_gates
+                a, p = evaluate_gates(adapter, input_ids, labels, attention_mask, token_type_ids, gates, batch_size)
+                acc[kind].append(a)
+                prob[kind].append(p)
+                bar.update(1)
     return {"fractions": list(fractions), "heads_gated": counts, "n_examples": int(input_ids.shape[0]),
             "accuracy": acc, "gold_probability": prob}  # fmt: skip
 

@@ -240,13 +240,15 @@ def save_classifier(model: torch.nn.Module, tokenizer, path: str | os.PathLike,
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the saved model should read like any other directory
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the saved model should read like any other directory
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
-        for file in tmp.rglob("*"):  # some writers make private temporary files; share them as the directory is
-            file.chmod(0o755 if file.is_dir() else 0o644)
+        for file in tmp.rglob("*"):  # some writers make private temporary files: the modes a new file gets
+            file.chmod((0o777 if file.is_dir() else 0o666) & ~umask)
         if path.exists():
             path.rmdir()
         tmp.rename(path)

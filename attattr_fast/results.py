@@ -393,8 +393,9 @@ def open_run_directory(directory: str | Path, meta: dict[str, Any], plan: list[l
         # a run that failed or was stopped before finishing any shard leaves nothing to keep: no reason to refuse
         if old["shards"] or any(_SHARD_FILE.match(p.name) for p in directory.iterdir()):
             raise
+        lock = DirectoryLock(directory)  # a live run keeps its directory, and nothing is said of it
         log.warning("%s: its earlier run, with other settings, finished no shard; starting afresh", directory)
-        return _start(directory, meta, plan)
+        return _start(directory, meta, plan, lock)
     lock = DirectoryLock(directory)
     try:
         commits, problems = read_commits(directory)
@@ -425,11 +426,12 @@ def open_run_directory(directory: str | Path, meta: dict[str, Any], plan: list[l
     return commits, lock
 
 
-def _start(directory: Path, meta: dict[str, Any], plan: list[list[int]]) -> tuple[dict, DirectoryLock]:
+def _start(directory: Path, meta: dict[str, Any], plan: list[list[int]],
+           lock: DirectoryLock | None = None) -> tuple[dict, DirectoryLock]:
     """A new run in `directory` (made if missing; holding at most a lock, settings and temporary files, or a
-    manifest without shards): settings.json, then the first manifest."""
+    manifest without shards): settings.json, then the first manifest. `lock`: the directory's, if already held."""
     directory.mkdir(parents=True, exist_ok=True)
-    lock = DirectoryLock(directory)
+    lock = lock or DirectoryLock(directory)
     try:
         _remove_leftovers(directory, set())
         atomic_write_bytes(directory / SETTINGS, json.dumps(_run_header(meta), indent=1).encode("utf-8"))
@@ -608,7 +610,7 @@ class Results(Sequence):
         if not self.complete:  # a running or interrupted run refreshes its manifest only now and then
             shards = {entry["name"]: entry for entry in self.manifest["shards"]}
             commits, unreadable = read_commits(self.dir)
-            for why in sorted(unreadable.values()):
+            for why in (why for name, why in sorted(unreadable.items()) if name not in shards):
                 log.warning("%s: %s, so its examples are left out; rerun the attribute command that wrote it, "
                             "with --repair, to recompute them", self.dir, why)  # fmt: skip
             for name, entry in commits.items():  # every shard with a commit is finished

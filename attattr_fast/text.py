@@ -96,13 +96,11 @@ def tokenize(
         # error names the first bad example, as one example at a time would
         bad = next(((i, why) for i in range(begin, end) if (why := _text_problem(i, texts[i], pairs[i]))), None)
         batch = range(begin, end if bad is None else bad[0])
-        paired = [i for i in batch if pairs[i] is not None]
-        pair_pieces = tokenizer([pairs[i] for i in paired], add_special_tokens=False)["input_ids"] if paired else []
-        tokenless_pairs = {i for i, pieces in zip(paired, pair_pieces) if not pieces}
+        tokenless = _tokenless_segments(tokenizer, texts, pairs, batch)
         for i, (full, segments) in zip(batch, _tokenize_batch(tokenizer, texts, pairs, batch)):
-            if len(full) <= tokenizer.num_special_tokens_to_add(pair=pairs[i] is not None):
+            if len(full) <= tokenizer.num_special_tokens_to_add(pair=pairs[i] is not None) or (i, 0) in tokenless:
                 raise AttAttrError(f"example {i}: the text has no tokens (only invisible characters?)")
-            if i in tokenless_pairs:
+            if (i, 1) in tokenless:
                 raise AttAttrError(f"example {i}: the text pair has no tokens (only invisible characters?)")
             too_long = len(full) > max_length
             if too_long:
@@ -134,6 +132,16 @@ def _text_problem(i: int, text, pair) -> str | None:
     if not is_unicode(str(text)) or (pair is not None and not is_unicode(str(pair))):
         return f"example {i}: not valid Unicode text (a lone surrogate)"
     return None
+
+
+def _tokenless_segments(tokenizer, texts: list, pairs: list, batch: range) -> set[tuple[int, int]]:
+    """(example, segment) of the pairs in `batch` with a segment that has no tokens: the pair as a whole does."""
+    paired = [i for i in batch if pairs[i] is not None]
+    if not paired:
+        return set()
+    pieces = [tokenizer([segment[i] for i in paired], add_special_tokens=False)["input_ids"]
+              for segment in (texts, pairs)]
+    return {(i, s) for s, per_example in enumerate(pieces) for i, ids in zip(paired, per_example) if not ids}
 
 
 def _tokenize_batch(tokenizer, texts: list, pairs: list, batch: range) -> list[tuple[list[int], list[int] | None]]:

@@ -128,6 +128,7 @@ def test_input_builtin_sentiment(capsys, tmp_path, tiny_model_dir):
     (["--text", "good", "--text-pair", "   "], "--text-pair 1 is empty"),
     (["--text", "\u200b"], "has no tokens"),
     (["--text", "good", "--text-pair", "\u200b"], "example 0: the text pair has no tokens"),
+    (["--text", "\u200b", "--text-pair", "good"], "example 0: the text has no tokens"),
     (["--input", "DATA", "--text-pair", "bad"], "--text-pair goes with --text"),
     (["--text", "good", "--device", "meta"], "is not supported; use cpu, cuda"),
 ])  # fmt: skip
@@ -371,3 +372,19 @@ def test_a_blank_text_pair_field_is_a_single_sentence(tmp_path):
     path = tmp_path / "mixed.tsv"
     path.write_text("text\ttext_pair\tlabel\ngood\t\tpositive\nfine\t   \tpositive\nok\tthen\tnegative\n")
     assert [e.text_pair for e in read_examples(path)] == [None, None, "then"]
+
+
+def test_a_non_finite_score_names_the_example_by_its_input_position(capsys, tmp_path, tiny_model_dir):
+    from attattr_fast.models import save_classifier
+
+    model, tokenizer = load_classifier(tiny_model_dir)
+    with torch.no_grad():  # broken weights: every example with this word has a NaN output
+        model.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids("awful")] = float("nan")
+    path = save_classifier(model, tokenizer, tmp_path / "broken")
+    data = tmp_path / "in.tsv"  # sorted by length, example 2 comes second in its batch
+    data.write_text("text\tlabel\nthe film was good and great fun\tpositive\nfine\tpositive\nthe plot was awful\t"
+                    "negative\n")  # fmt: skip
+    for command in (["attribute", "--steps", "2"], ["heads", "--kinds", "attattr", "--steps", "2"]):
+        code, _, err = run_cli(capsys, *command, "--model", str(path), "--input", str(data))
+        last = err.strip().splitlines()[-1]  # after the progress bar
+        assert code == 2 and last.startswith("attattr-fast: error: the model's output for example 2 is not finite"), err

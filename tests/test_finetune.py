@@ -2,6 +2,7 @@
 `finetune` command's saved model (loadable, its logged accuracy reproducible) and one-line errors."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -116,7 +117,9 @@ def test_finetune_cli_saves_a_loadable_model(capsys, tmp_path, tiny_model_dir):
     assert log["config"]["weight_decay"] == 0.01 and log["config"]["max_length"] == 128
     model, tokenizer = load_classifier(out)
     assert model.config.id2label == {0: "negative", 1: "positive"}
-    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}["model.safetensors"] == 0o644  # not private
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}["model.safetensors"] == 0o666 & ~umask
     data = _encoded(model, tokenizer, dev)
     assert evaluate(model, data) == log["epochs"][-1]["eval_accuracy"]
     assert f"held-out accuracy {100 * log['epochs'][-1]['eval_accuracy']:.1f}%" in stdout.splitlines()[-1]

@@ -282,6 +282,8 @@ def test_prune_cli_curves_figures_and_saved_model(capsys, tmp_path, tiny_model_d
     (["--save", "SAVE"], "--save needs --fraction"),
     (["--by", "luck", "--fraction", "0.5"], "--by: unknown kind 'luck'"),
     (["--by", "taylor"], "--by goes with --fraction"),
+    (["--by", "", "--fraction", "0.5"], "--by: unknown kind ''"),
+    (["--layer-plot", "lp.png", "--layer-kinds", ""], "--layer-kinds"),
     (["--layer-kinds", "taylor"], "--layer-kinds goes with --layer-plot"),
     (["--fractions", "0.5,0.5"], "names a fraction twice"),
     (["--fractions", "0,x"], "--fractions: 'x' is not a number"),

@@ -401,6 +401,11 @@ def test_an_incomplete_run_reads_the_manifests_entry_over_a_damaged_commit_and_n
     with caplog.at_level(logging.WARNING):
         assert [r.index for r in load_results(out)] == [0, 1]
     assert "shard-00001.commit.json is unreadable, so its examples are left out" in caplog.text
+    caplog.clear()
+    path.write_text("{")  # the manifest lists shard 0: its examples are read, so no word of leaving them out
+    with caplog.at_level(logging.WARNING):
+        assert [r.index for r in load_results(out)] == [0, 1]
+    assert "shard-00000" not in caplog.text
 
 
 @pytest.mark.parametrize("damage, why", [
@@ -519,9 +524,13 @@ def test_a_directory_whose_run_finished_no_shard_takes_a_run_with_other_settings
     other = {**META, "n_steps": 7}
     with caplog.at_level(logging.WARNING):
         commits, lock = open_run_directory(out, other, PLAN)
-    lock.release()
     assert commits == {} and "finished no shard; starting afresh" in caplog.text
     assert read_manifest(out)["n_steps"] == 7 and json.loads((out / "settings.json").read_text())["n_steps"] == 7
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), pytest.raises(AttAttrError, match="in use by another run"):
+        open_run_directory(out, META, PLAN)  # while the run with n_steps 7 holds it: nothing said, nothing changed
+    lock.release()
+    assert "afresh" not in caplog.text and read_manifest(out)["n_steps"] == 7
 
 
 def test_bfloat16_fields_of_a_hand_made_record_are_stored_as_float32(tmp_path):

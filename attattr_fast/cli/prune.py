@@ -93,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
     kinds = parse_kinds(args.kinds)
     if args.layer_kinds is not None and args.layer_plot is None:
         raise AttAttrError("--layer-kinds goes with --layer-plot, the per-layer analysis it chooses scores for")
-    layer_kinds = parse_kinds(args.layer_kinds or "attattr,attention", "--layer-kinds") if args.layer_plot else []
+    layer_kinds = [] if args.layer_plot is None else parse_kinds(
+        "attattr,attention" if args.layer_kinds is None else args.layer_kinds, "--layer-kinds")
     importance_options(args)
     fractions = tuple(parse_fraction(f.strip(), "--fractions") for f in args.fractions.split(",") if f.strip())
     if not fractions:
@@ -104,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     fraction = None if args.fraction is None else parse_fraction(args.fraction, "--fraction")
     if args.by is not None and fraction is None:
         raise AttAttrError("--by goes with --fraction, the pruning it ranks heads for")
-    args.by = args.by or "attattr"
+    args.by = "attattr" if args.by is None else args.by
     if args.by not in heads.KINDS:
         raise AttAttrError(f"--by: unknown kind {args.by!r}; choose from {', '.join(heads.KINDS)}")
     if args.save is not None and fraction is None:
