@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
+
 from attattr_fast.errors import AttAttrError, require_file
 
 COLUMNS = ("text", "text_pair", "label")  # the columns read; any others are ignored
@@ -151,6 +153,10 @@ def load_examples(source: str | Path) -> list[Example]:
 
 def label_index(label: str, label2id: dict[str, int], num_labels: int) -> int:
     """A label name (or index) as a class index; clear error for an unknown one."""
+    if isinstance(label, (int, np.integer)) and not isinstance(label, bool):
+        label = str(int(label))
+    if not isinstance(label, str):
+        raise AttAttrError(f"a label must be a name or a class index, got {label!r}")
     if label in label2id:
         return int(label2id[label])
     lowered = {k.lower(): v for k, v in label2id.items()}

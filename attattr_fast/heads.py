@@ -179,6 +179,7 @@ def evaluate_gates(
 ) -> tuple[float, float]:
     """(accuracy, mean softmax probability of the gold class) against `labels` [B] with head `gates`
     [L, H] (None: the adapter's own)."""
+    _check_batch_size(batch_size)
     adapter, input_ids, labels, key_mask, types = _prepared(model, input_ids, labels, attention_mask, token_type_ids)
     w = adapter.weights()
     if gates is not None:
@@ -210,7 +211,14 @@ def _checked_gates(adapter: EncoderAdapter, gates: Tensor) -> Tensor:
     if not isinstance(gates, Tensor) or tuple(gates.shape) != (adapter.n_layers, adapter.n_heads):
         shape = tuple(gates.shape) if isinstance(gates, Tensor) else type(gates).__name__
         raise AttAttrError(f"gates must have shape ({adapter.n_layers}, {adapter.n_heads}), got {shape}")
+    if not bool(torch.isfinite(gates).all()):
+        raise AttAttrError("gates must be finite numbers (1 = kept, 0 = gated off)")
     return gates
+
+
+def _check_batch_size(batch_size) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise AttAttrError(f"batch_size must be a positive integer, got {batch_size!r}")
 
 
 # -- importance --------------------------------------------------------------------------------------
@@ -248,8 +256,7 @@ def head_importance(
         raise AttAttrError(f"unknown importance kind {kind!r}; choose one of {', '.join(KINDS)}")
     if normalize not in NORMALIZATIONS:
         raise AttAttrError(f"unknown normalize {normalize!r}; choose None or 'layer'")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise AttAttrError(f"batch_size must be a positive integer, got {batch_size!r}")
+    _check_batch_size(batch_size)
     if kind == "attattr":
         check_options(method, n_steps, "reduced", None, None, 0)
     adapter, input_ids, labels, key_mask, types = _prepared(model, input_ids, labels, attention_mask, token_type_ids)
@@ -375,8 +382,13 @@ def _accuracy_scores(adapter, input_ids, labels, key_mask, types, *, batch_size,
 def gates_for_fraction(importance: Tensor, fraction: float, on: Tensor | None = None) -> Tensor:
     """Gates [L, H] with the round(fraction · N) least important of the N heads `on` (bool [L, H]; None: every
     head) off, and the heads not on off as well (global ranking; ties go in flat (layer, head) order)."""
-    if not 0.0 <= fraction <= 1.0:
-        raise AttAttrError(f"fraction must be in [0, 1], got {fraction}")
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
+        raise AttAttrError(f"fraction must be a number in [0, 1], got {fraction!r}")
+    importance = torch.as_tensor(importance)
+    if not bool(torch.isfinite(importance).all()):  # a NaN would sort last and never be pruned
+        raise AttAttrError("the importance scores must be finite (a NaN or inf cannot be ranked)")
+    if on is not None and tuple(on.shape) != tuple(importance.shape):
+        raise AttAttrError(f"on has shape {tuple(on.shape)}, the importance {tuple(importance.shape)}")
     flat = importance.detach().float().flatten().cpu()
     on_flat = torch.ones(flat.shape, dtype=torch.bool) if on is None else on.detach().flatten().cpu().bool()
     count = int((~on_flat).sum()) + math.floor(fraction * int(on_flat.sum()) + 0.5)

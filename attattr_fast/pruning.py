@@ -26,6 +26,7 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -117,8 +118,9 @@ def prune_heads(model: nn.Module, keep: Tensor | list[list[int]], inplace: bool 
     Args:
         model: a BERT / RoBERTa / ELECTRA *ForSequenceClassification (or the built-in model), pruned
             before or not.
-        keep: gates [L, H] (1 kept, 0 removed; a head removed before stays removed, as gating cannot switch it
-            back on), or for every layer the heads to keep, each one the layer still has.
+        keep: gates [L, H] as a tensor or numpy array (1 kept, 0 removed; a head removed before stays removed,
+            as gating cannot switch it back on), or for every layer a list of the heads to keep, each one the
+            layer still has.
         inplace: modify `model` itself rather than a deep copy.
 
     Returns:
@@ -127,6 +129,8 @@ def prune_heads(model: nn.Module, keep: Tensor | list[list[int]], inplace: bool 
     layers = _encoder_layers(model)
     have = current_heads(model)
     n_heads = model.config.num_attention_heads
+    if isinstance(keep, np.ndarray):  # an array is gates, as a tensor is; nested lists are head numbers
+        keep = torch.from_numpy(keep)
     if isinstance(keep, Tensor):
         if tuple(keep.shape) != (len(layers), n_heads):
             raise AttAttrError(f"gates have shape {tuple(keep.shape)}; this model has {len(layers)} layers of "

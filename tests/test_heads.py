@@ -432,3 +432,22 @@ def test_heads_cli_writes_all_its_outputs_or_none(capsys, tmp_path, tiny_model_d
     assert main(["heads", "--model", str(tiny_model_dir), "--input", str(data), "--kinds", "attention", "--out",
                  str(out), "--plot", str(plot)]) == 2  # fmt: skip
     assert json.loads(out.read_text())["scores"]["attention"] and not plot.exists()
+
+
+def test_gate_helpers_refuse_what_they_cannot_rank_or_run():
+    model = tiny_classifier("bert")
+    ids, mask, types = padded_batch(model, [5, 4])
+    labels = torch.tensor([0, 1])
+    with pytest.raises(AttAttrError, match="importance scores must be finite"):
+        heads.gates_for_fraction(torch.tensor([[float("nan"), 0.1], [0.2, 0.3]]), 0.25)
+    with pytest.raises(AttAttrError, match="fraction must be a number in"):
+        heads.gates_for_fraction(torch.rand(2, 2), "0.5")
+    with pytest.raises(AttAttrError, match="on has shape"):
+        heads.gates_for_fraction(torch.rand(2, 2), 0.5, on=torch.ones(3, 2, dtype=torch.bool))
+    assert heads.gates_for_fraction([[0.3, 0.1], [0.2, 0.4]], 0.5).tolist() == [[1.0, 0.0], [0.0, 1.0]]
+    with pytest.raises(AttAttrError, match="batch_size must be a positive integer"):
+        heads.evaluate_gates(model, ids, labels, mask, types, batch_size=0)
+    gates = torch.ones(3, 4)
+    gates[0, 0] = float("nan")
+    with pytest.raises(AttAttrError, match="gates must be finite"):
+        heads.evaluate_gates(model, ids, labels, mask, types, gates=gates)

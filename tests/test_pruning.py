@@ -332,3 +332,11 @@ def test_prune_cli_with_a_separate_held_out_file(capsys, tmp_path, tiny_model_di
     code = main(["prune", "--model", str(tiny_model_dir), "--input", str(train), "--eval-input", str(dev),
                  "--importance-examples", "11", "--kinds", "attention"])
     assert code == 2 and "has only 10 examples" in capsys.readouterr().err
+
+
+def test_prune_heads_takes_numpy_gates_as_gates():
+    import numpy as np
+
+    model = tiny_classifier("bert")
+    pruned = prune_heads(model, UNEQUAL.numpy().astype(np.int64))
+    assert current_heads(pruned) == current_heads(prune_heads(model, UNEQUAL))

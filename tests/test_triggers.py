@@ -9,6 +9,7 @@ import copy
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -522,3 +523,11 @@ def test_cli_evaluate_unlabelled_input_writes_nothing(tiny_model_dir, tmp_path, 
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o.json").exists()
+
+
+def test_a_label_given_as_a_class_index_is_that_class():
+    from attattr_fast.datasets import label_index
+
+    assert label_index(1, {"negative": 0, "positive": 1}, 2) == 1 == label_index(np.int64(1), {}, 2)
+    with pytest.raises(AttAttrError, match="a label must be a name or a class index"):
+        label_index(1.5, {}, 2)
