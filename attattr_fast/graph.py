@@ -56,6 +56,7 @@ from torch import Tensor
 
 from attattr_fast.adapters import EncoderAdapter, adapter_for
 from attattr_fast.errors import AttAttrError
+from attattr_fast.inputs import validate_inputs
 
 log = logging.getLogger(__name__)
 
@@ -508,19 +509,26 @@ def graph_faithfulness(
     Returns:
         Faithfulness.
     """
-    if draws < 1:
-        raise AttAttrError(f"draws must be >= 1, got {draws}")
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+        raise AttAttrError(f"draws must be an integer >= 1, got {draws!r}")
+    if target is not None and (isinstance(target, bool) or not isinstance(target, int)):
+        raise AttAttrError(f"target must be None or a class index, got {target!r}")
+    if not isinstance(input_ids, Tensor) or input_ids.dim() not in (1, 2):
+        raise AttAttrError("input_ids must be a LongTensor of shape [n] or [1, n]")
     ids = input_ids.reshape(1, -1) if input_ids.dim() == 1 else input_ids
     if ids.shape[0] != 1:
         raise AttAttrError(f"graph_faithfulness takes one example, got a batch of {ids.shape[0]}")
-    mask = None if attention_mask is None else attention_mask.reshape(1, -1)
-    types = None if token_type_ids is None else token_type_ids.reshape(1, -1)
+    mask = None if attention_mask is None else torch.as_tensor(attention_mask).reshape(1, -1)
+    types = None if token_type_ids is None else torch.as_tensor(token_type_ids).reshape(1, -1)
+    adapter = adapter_for(model)
+    validate_inputs(adapter, ids, mask, types, None, None)  # dtype, vocabulary, mask and segment checks
+    if graph.graph.get("n_layers", adapter.n_layers) != adapter.n_layers:
+        raise AttAttrError(f"the graph is of a {graph.graph['n_layers']}-layer model; this one has {adapter.n_layers}")
     n = int(mask.sum()) if mask is not None else ids.shape[1]
     ids = ids[:, :n]
     types = None if types is None else types[:, :n]
     if len(graph.graph["tokens"]) != n:
         raise AttAttrError(f"the graph has {len(graph.graph['tokens'])} tokens, the example {n}")
-    adapter = adapter_for(model)
     edges = attention_edges(graph)
     per_layer = [0] * adapter.n_layers
     for layer, _, _, _ in edges:

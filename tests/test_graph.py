@@ -473,6 +473,18 @@ def test_graph_faithfulness_checks_its_input():
     assert result.n_edges == 0 and result.graph_drop == 0.0 and result.random_drop == 0.0
     with pytest.raises(AttAttrError, match="tokens"):
         graph_faithfulness(model, graph, ids[0])
+    one = ids[1, :4]
+    for kwargs, message in [
+        (dict(draws=1.5), "draws must be an integer"),
+        (dict(target=1.7), "target must be None or a class index"),
+        (dict(input_ids=one.float()), "input_ids must be a LongTensor"),
+        (dict(input_ids=one + 10**6), "outside the model's vocabulary"),
+        (dict(input_ids=one[None, None]), "LongTensor of shape"),
+        (dict(graph=attribution_graph(np.zeros((3, 4, 4)), ["[CLS]", "a", "b", "c"])), "3-layer model"),
+    ]:  # fmt: skip
+        args = {"model": model, "graph": graph, "input_ids": one, **kwargs}
+        with pytest.raises(AttAttrError, match=message):
+            graph_faithfulness(**args)
 
 
 def test_builtin_minilm_unedited_forward_matches_its_logits(builtin):
