@@ -17,6 +17,7 @@ from attattr_fast.inputs import (
     as_dtype,
     check_backend,
     check_options,
+    checked_device,
     row_dtype,
     state_dtype,
     validate_inputs,
@@ -153,7 +154,7 @@ class AttentionAttribution:
 
         # The batch's results gather on result_device group by group, so a large batch bound for the CPU
         # never holds all of its [B, L', H, n, n] tensors on the GPU at once.
-        result_device = _checked_device(result_device)
+        result_device = checked_device(result_device, "result_device")
         out = _Collector(batch, len(layers), adapter.n_heads, length, output == "full", result_device)
         for begin, end, rows_per_chunk in groups:
             idx_host = order[begin:end]
@@ -205,19 +206,6 @@ def _warn_half_precision_rows_on_cpu(dtype: torch.dtype) -> None:
     log.warning("%s rows on the CPU are slower than float32 (PyTorch's CPU products in half precision: a BERT-base "
                 "call took about 40x as long on an AVX2 CPU) and less accurate; on a CPU keep float32, the default",
                 str(dtype).removeprefix("torch."))
-
-
-def _checked_device(device) -> torch.device:
-    """`result_device` as a torch.device that exists here; AttAttrError otherwise."""
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise AttAttrError(f"result_device: not a device: {device!r}") from None
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise AttAttrError(f"result_device: {device} is not available here")
-    if device.type not in ("cpu", "cuda"):
-        raise AttAttrError(f"result_device: {device} is not supported; use cpu or cuda")
-    return device
 
 
 def _check_finite(prob: Tensor, delta: Tensor, rows_dtype: torch.dtype) -> None:

@@ -61,6 +61,21 @@ def as_dtype(dtype):
 MAX_TOP_K = 4096  # strongest interactions kept per layer: each result holds that many entries per layer and example
 
 
+def checked_device(value, name: str) -> torch.device:
+    """`value` (the option `name`) as a CPU or CUDA device that exists here; AttAttrError otherwise."""
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError):
+        raise AttAttrError(f"{name}: unknown device {value!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise AttAttrError(f"{name}: {value!r} is not supported; use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise AttAttrError(f"{name}: CUDA was requested but no CUDA device is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise AttAttrError(f"{name}: {value!r}, but there are {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
 def check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise AttAttrError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")

@@ -16,6 +16,14 @@ METHODS = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid
 MAX_STEPS = 1024  # more is a typo more likely than a need, and a run that seems to hang (an n² node computation)
 
 
+def too_many_steps(n_steps: int, name: str) -> str | None:
+    """Why `n_steps` (the option `name`) is more than MAX_STEPS, or None."""
+    if n_steps > MAX_STEPS:
+        return f"{name} {n_steps} is more than {MAX_STEPS}, which no float32 result needs (Gauss–Legendre converges " \
+               "within 64 nodes)"
+    return None
+
+
 def nodes_and_weights(method: str, n_steps: int) -> tuple[np.ndarray, np.ndarray]:
     """Nodes α_k in [0, 1] and weights w_k with Σ_k w_k f(α_k) ≈ ∫_0^1 f(α) dα.
 
@@ -30,9 +38,8 @@ def nodes_and_weights(method: str, n_steps: int) -> tuple[np.ndarray, np.ndarray
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)) or n_steps < 1:
         raise ValueError(f"n_steps must be an integer >= 1, got {n_steps!r}")
-    if n_steps > MAX_STEPS:
-        raise ValueError(f"n_steps {n_steps} is more than {MAX_STEPS}, which no float32 result needs "
-                         "(Gauss–Legendre converges within 64 nodes)")
+    if too_many := too_many_steps(n_steps, "n_steps"):
+        raise ValueError(too_many)
     m = int(n_steps)
     k = np.arange(m, dtype=np.float64)
     if method == "riemann_left":

@@ -51,12 +51,11 @@ def parse_positive_int(value: str, name: str) -> int:
 
 def parse_steps(value: str) -> int:
     """--steps: a positive integer up to `quadrature.MAX_STEPS`, checked before any work."""
-    from attattr_fast.quadrature import MAX_STEPS
+    from attattr_fast.quadrature import too_many_steps
 
     steps = parse_positive_int(value, "--steps")
-    if steps > MAX_STEPS:
-        raise AttAttrError(f"--steps {steps} is more than {MAX_STEPS}, which no float32 result needs "
-                           "(Gauss–Legendre converges within 64 nodes)")  # fmt: skip
+    if too_many := too_many_steps(steps, "--steps"):
+        raise AttAttrError(too_many)
     return steps
 
 
@@ -213,19 +212,11 @@ def parse_dtype(value: str) -> torch.dtype | None:
 
 
 def parse_device(value: str | None) -> torch.device:
+    from attattr_fast.inputs import checked_device
+
     if value is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(value)
-    except RuntimeError:
-        raise AttAttrError(f"--device: unknown device {value!r}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise AttAttrError(f"--device: {value!r} is not supported; use cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise AttAttrError("--device: CUDA was requested but no CUDA device is available")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise AttAttrError(f"--device: {value!r}, but there are {torch.cuda.device_count()} CUDA devices")
-    return device
+    return checked_device(value, "--device")
 
 
 def load_model(name: str | None, device: torch.device):
