@@ -242,6 +242,7 @@ def write_shard(directory: str | Path, name: str, records: list[Record], store_d
 def shard_problem(directory: Path, entry: dict[str, Any]) -> str | None:
     """None when both files of the shard are present and match their checksums, and the entry's line offsets
     and indices match the .jsonl file's lines, else what is wrong."""
+    lines = b""  # the .jsonl file, read once for its checksum and its line offsets
     for fname, digest in entry["sha256"].items():
         path = directory / fname
         if not path.is_file():
@@ -249,9 +250,13 @@ def shard_problem(directory: Path, entry: dict[str, Any]) -> str | None:
         size = path.stat().st_size
         if size != entry["bytes"][fname]:
             return f"{fname} has {size} bytes, its commit says {entry['bytes'][fname]}"
-        if sha256_file(path) != digest:
+        if fname.endswith(".jsonl"):
+            lines = path.read_bytes()
+            actual = sha256_chunks([lines])
+        else:
+            actual = sha256_file(path)
+        if actual != digest:
             return f"{fname} does not match its sha256"
-    lines = (directory / f"{entry['name']}.jsonl").read_bytes()
     starts = [0, *(k + 1 for k in range(len(lines) - 1) if lines[k] == 0x0A)] if lines else []
     if starts != entry["offsets"]:
         return f"its commit's line offsets do not match {entry['name']}.jsonl"

@@ -330,10 +330,15 @@ def release_head(head_max: Tensor, on: Tensor | None = None) -> tuple[int, int]:
     """(row in L', head) of the largest entry over all layers and heads; the first on ties. head_max [L', H];
     `on` [L', H] bool: the heads that may be chosen (a gated or pruned head's zeros are no score)."""
     scores = head_max if on is None else head_max.masked_fill(~on, float("-inf"))
-    if on is not None and not bool(on.any()):
-        raise AttAttrError("every head of the attributed layers is gated off or pruned; choose other layers")
+    if on is not None:
+        _check_some_head_on(on)
     flat = int(torch.argmax(scores.reshape(-1)))  # torch returns the first maximum
     return flat // head_max.shape[1], flat % head_max.shape[1]
+
+
+def _check_some_head_on(on: Tensor) -> None:
+    if not bool(on.any()):
+        raise AttAttrError("every head of the attributed layers is gated off or pruned; choose other layers")
 
 
 def head_entries(
@@ -569,8 +574,8 @@ def extract(
     heads_on = aa.adapter.gates_in_effect != 0  # [L, H]: release mode never picks a head that is off
     chosen = [layer for layer in (range(aa.adapter.n_layers) if layers is None else layers)
               if isinstance(layer, int) and 0 <= layer < aa.adapter.n_layers]  # bad layers: attribute says why
-    if mode == "release" and chosen and not bool(heads_on[chosen].any()):
-        raise AttAttrError("every head of the attributed layers is gated off or pruned; choose other layers")
+    if mode == "release" and chosen:
+        _check_some_head_on(heads_on[chosen])
     found: list[Pattern] = []
     reruns: dict[int, list[tuple[int, int, int, list[bool]]]] = {}  # layer → (example, target, head, blocked)
     records = attribute_corpus(aa, corpus, [None] * len(examples), batch_size=batch_size, top_k=0,

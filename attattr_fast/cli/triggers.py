@@ -93,10 +93,16 @@ def _examples(args):
     return chosen
 
 
-def _write(out: Path, text: str) -> None:
+def _write(out: Path, payload: str, markdown_out: Path | None, table: str) -> None:
+    """The JSON, and the markdown table if asked for: both or neither (`out` is named by the caller)."""
     from attattr_fast.results import atomic_write_bytes
 
-    atomic_write_bytes(out, text.encode("utf-8"))
+    with common.Outputs(out, markdown_out) as outputs:
+        atomic_write_bytes(out, payload.encode("utf-8"))
+        outputs.wrote(out, quiet=True)
+        if markdown_out is not None:
+            atomic_write_bytes(markdown_out, (table + "\n").encode("utf-8"))
+            outputs.wrote(markdown_out)
 
 
 def run_extract(args: argparse.Namespace) -> int:
@@ -130,12 +136,7 @@ def run_extract(args: argparse.Namespace) -> int:
                               exclude_words_file=args.exclude_words)  # fmt: skip
     table = extraction.markdown(show)
     payload = json.dumps(extraction.to_dict(), indent=1, ensure_ascii=False) + "\n"
-    with common.Outputs(out, markdown_out) as outputs:
-        _write(out, payload)
-        outputs.wrote(out, quiet=True)  # named below
-        if markdown_out is not None:
-            _write(markdown_out, table + "\n")
-            outputs.wrote(markdown_out)
+    _write(out, payload, markdown_out, table)
     print(table)
     print(f"{extraction.n_examples} examples, {extraction.n_without_pattern} without a pattern; "
           f"wrote {out}", file=sys.stderr)  # fmt: skip
@@ -166,12 +167,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     result.options.update(model=args.model or "builtin:minilm-sentiment", input=args.input, slice=args.slice,
                           patterns=str(Path(args.patterns).resolve()), extraction=patterns.options)  # fmt: skip
     table = result.markdown()
-    with common.Outputs(out, markdown_out) as outputs:
-        _write(out, json.dumps(result.to_dict(), indent=1, ensure_ascii=False) + "\n")
-        outputs.wrote(out, quiet=True)  # named below
-        if markdown_out is not None:
-            _write(markdown_out, table + "\n")
-            outputs.wrote(markdown_out)
+    _write(out, json.dumps(result.to_dict(), indent=1, ensure_ascii=False) + "\n", markdown_out, table)
     print(table)
     print(f"wrote {out}", file=sys.stderr)
     return 0
