@@ -360,30 +360,25 @@ def test_damaged_shards_are_named_and_repaired(tmp_path, reference, corpus_file,
     assert_same_records(load_results(out), load_results(reference))
 
 
-def test_missing_commit_record_is_damage_too(tmp_path, reference, corpus_file, tiny_model_dir, capsys):
-    out = tmp_path / "out"
-    argv = ["attribute", "--input", corpus_file, "--model", tiny_model_dir, "--out", out, *FAST]
-    assert run_cli(*argv) == 0
-    (out / "shard-00002.commit.json").unlink()
-    capsys.readouterr()
-    assert run_cli(*argv) == 2
-    assert "shard-00002: shard-00002.commit.json is missing" in capsys.readouterr().err
-    assert run_cli(*argv, "--repair") == 0
-    assert_same_records(load_results(out), load_results(reference))
-
-
-def test_a_commit_with_edited_indices_is_damage_that_repair_recomputes(tmp_path, reference, corpus_file,
-                                                                        tiny_model_dir, capsys):
-    out = tmp_path / "out"
-    argv = ["attribute", "--input", corpus_file, "--model", tiny_model_dir, "--out", out, *FAST]
-    assert run_cli(*argv) == 0
-    commit = out / "shard-00001.commit.json"
+def _edit_indices(commit):
     entry = json.loads(commit.read_text())
     commit.write_text(json.dumps({**entry, "indices": [N_EXAMPLES + 5, *entry["indices"][1:]]}))
+
+
+@pytest.mark.parametrize("shard, damage, message", [
+    ("shard-00002", lambda commit: commit.unlink(), "shard-00002: shard-00002.commit.json is missing"),
+    ("shard-00001", _edit_indices, "shard-00001: shard-00001.commit.json lists other examples than this run plans"),
+])  # fmt: skip
+def test_a_missing_or_edited_commit_is_damage_that_repair_recomputes(tmp_path, reference, corpus_file,
+                                                                      tiny_model_dir, capsys, shard, damage, message):
+    out = tmp_path / "out"
+    argv = ["attribute", "--input", corpus_file, "--model", tiny_model_dir, "--out", out, *FAST]
+    assert run_cli(*argv) == 0
+    damage(out / f"{shard}.commit.json")
     capsys.readouterr()
     assert run_cli(*argv) == 2
     err = capsys.readouterr().err
-    assert "shard-00001: shard-00001.commit.json lists other examples than this run plans" in err and "--repair" in err
+    assert message in err and "--repair" in err, err
     assert run_cli(*argv, "--repair") == 0
     assert_each_example_once(out)
     assert_same_records(load_results(out), load_results(reference))
